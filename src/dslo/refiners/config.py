@@ -1,0 +1,125 @@
+"""RefinerConfig: every knob of DiscrepancyRefiner, with the paper's defaults where they work.
+
+Where the paper is ambiguous or its literal reading fails on real images, the reading is a
+named option and the default is the one measured best on voc14/ade20k4/coco1 (see
+results/quality.md for the numbers and the command).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Literal, Optional
+
+__all__ = ["RefinerConfig", "Solver", "PathReading", "VelocityReading", "Upsample"]
+
+Solver = Literal["path", "velocity", "fusion", "kl", "propagate", "none"]
+PathReading = Literal["relaxed", "joint", "paper"]
+VelocityReading = Literal["arrival", "paper"]
+Upsample = Literal["jbu", "bilinear"]
+
+_CHOICES = {
+    "solver": ("path", "velocity", "fusion", "kl", "propagate", "none"),
+    "path_reading": ("relaxed", "joint", "paper"),
+    "velocity_reading": ("arrival", "paper"),
+    "upsample": ("jbu", "bilinear"),
+}
+
+
+@dataclass(frozen=True)
+class RefinerConfig:
+    """Configuration of ``DiscrepancyRefiner`` (frozen; override with ``replace`` or keywords).
+
+    Front end (paper section 3, supplement):
+        logit_scale: multiplies the raw cosine logits before any softmax (CLIP's 100).
+        early_rejection: keep only classes that win the argmax at some patch.
+        nms: zero the class probabilities of patches whose top softmax probability over the
+            full vocabulary is below ``nms_threshold`` (paper: 0.9). Feeds the solvers only;
+            ``solver="none"`` never applies it (it would leave rejected patches without a label).
+
+    Solvers:
+        solver: "path" (optimal path, eq. 1-3/13-22), "velocity" (maximum velocity, eq. 10-12),
+            "fusion" (mean of the two maps after per-patch normalisation, Table 2 row VII),
+            "kl" (KL-to-uniform baseline, Table 2 row II), "propagate" (control: one step of
+            class probability through the sharpened chain, no OT and no velocity), "none"
+            (raw softmax, the baseline).
+        ipf_iters: IPF rounds turning attention into a doubly stochastic T (paper: 15).
+        path_reading: "relaxed" (default, measured best): per class, source held at f^c, target
+            1/N penalised by rho*KL, cost -log T, map = class mass delivered to each patch;
+            "joint": one balanced plan for all classes, map = class share of arriving mass;
+            "paper": literal, f^c = softmax over patches, cost = attention, balanced, map =
+            Norm(sum_j pi_ij C_ij).
+        path_eps: entropic regularisation relative to the cost (for cost -log T, eps = 0.5
+            makes the Gibbs kernel proportional to T^2); the paper's 0.1 is used by "paper".
+        path_rho: strength of the KL penalty on the target marginal ("relaxed").
+        path_iters: maximum Sinkhorn iterations; path_tol: stop early when the marginal error
+            and the change of log v are below it (checked every 10 iterations).
+        velocity_reading: "arrival" (default): velocity = 1/(1 + t), t the continuous arrival
+            time of the class probability at ``velocity_tau`` under the chain IPF(A∘A);
+            "paper": literal v_i = max{1/l : |f_i^(l) - f_i^(l-1)| <= tau} on f^c = softmax
+            over patches and chain T (ties everywhere, kept for the record).
+        velocity_tau: arrival threshold (paper: 0.3 with its literal rule).
+        velocity_steps: Markov steps L.
+        sharpen: for "velocity"/"propagate"/"path": build the chain from A∘A (element-wise
+            square) rather than A, which is what made both solvers refine in measurements.
+
+    Output:
+        upsample: "jbu" (eq. 23) or "bilinear".
+        jbu_sigma_spatial2, jbu_sigma_range2, jbu_radius: JBU parameters (paper: 1, 0.1; the
+            window radius in low-resolution pixels is ours: e^{-r^2/sigma_s^2} < 2% beyond 2).
+        return_stages: keep intermediates (probabilities, NMS mask, discrepancy map).
+        max_matrix_bytes: memory guard; an N x N float32 attention per image above it is
+            refused with a clear error rather than taking the machine down (None: no limit).
+    """
+
+    logit_scale: float = 100.0
+    early_rejection: bool = True
+    nms: bool = True
+    nms_threshold: float = 0.9
+    solver: Solver = "velocity"
+    ipf_iters: int = 15
+    path_reading: PathReading = "relaxed"
+    path_eps: float = 0.5
+    path_rho: float = 0.1
+    path_iters: int = 100
+    path_tol: float = 1e-6
+    velocity_reading: VelocityReading = "arrival"
+    velocity_tau: float = 0.1
+    velocity_steps: int = 20
+    sharpen: bool = True
+    upsample: Upsample = "jbu"
+    jbu_sigma_spatial2: float = 1.0
+    jbu_sigma_range2: float = 0.1
+    jbu_radius: int = 2
+    return_stages: bool = False
+    max_matrix_bytes: Optional[int] = 4 * 1024**3
+
+    def __post_init__(self) -> None:
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"RefinerConfig.{name}: expected one of {choices}, got {value!r}")
+        positive = ("logit_scale", "path_eps", "path_rho", "velocity_tau", "jbu_sigma_spatial2",
+                    "jbu_sigma_range2", "path_tol")
+        for name in positive:
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"RefinerConfig.{name}: expected > 0, got {getattr(self, name)!r}")
+        for name in ("ipf_iters", "path_iters", "velocity_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"RefinerConfig.{name}: expected an integer >= 1, got {getattr(self, name)!r}")
+        if int(self.jbu_radius) < 0:
+            raise ValueError(f"RefinerConfig.jbu_radius: expected >= 0, got {self.jbu_radius!r}")
+        if not 0.0 <= float(self.nms_threshold) < 1.0:
+            raise ValueError(f"RefinerConfig.nms_threshold: expected in [0, 1), got {self.nms_threshold!r}")
+        if self.max_matrix_bytes is not None and int(self.max_matrix_bytes) <= 0:
+            raise ValueError("RefinerConfig.max_matrix_bytes: expected a positive byte count or None")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def replace(self, **changes) -> "RefinerConfig":
+        """A copy with ``changes`` applied (validated); unknown names raise ``ValueError``."""
+        unknown = sorted(set(changes) - set(self.field_names()))
+        if unknown:
+            raise ValueError(f"RefinerConfig: unknown option(s) {unknown}; known: {self.field_names()}")
+        return replace(self, **changes)

@@ -1,0 +1,214 @@
+"""Records that flow through dslo: small frozen dataclasses of tensors.
+
+They live here, in ``refiners/``, because the refiner consumes them and ``refiners/`` imports
+nothing from the rest of the package; ``dslo.attention`` and ``dslo.adapters`` re-export them.
+Every record checks shapes, dtypes and finiteness at construction and raises ``ValueError``
+saying what was expected and what came.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+__all__ = ["Attention", "PatchLogits", "RefinerOutput", "check_tensor"]
+
+#: Tolerance on attention row sums. Providers renormalise in float32, so rows sum to 1 within
+#: a few ulps times N; fp16 inputs are converted before the check.
+ROW_SUM_TOL = 1e-3
+
+
+def check_tensor(
+    x: object,
+    name: str,
+    ndim: int,
+    *,
+    floating: bool = True,
+    finite: bool = True,
+    dims: str = "",
+) -> torch.Tensor:
+    """Check that ``x`` is a tensor with ``ndim`` dimensions (and finite floats).
+
+    Args:
+        x: the value to check.
+        name: how the error message calls it.
+        ndim: expected number of dimensions.
+        floating: require a floating dtype.
+        finite: require every entry to be finite.
+        dims: the expected layout for the message, e.g. ``"(B, C, h, w)"``.
+
+    Returns:
+        ``x`` unchanged.
+
+    Raises:
+        ValueError: naming what was expected and what came.
+    """
+    layout = f" {dims}" if dims else ""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor{layout}, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(
+            f"{name}: expected {ndim} dimensions{layout}, got shape {tuple(x.shape)}"
+        )
+    if floating and not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}")
+    if finite and x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name}: expected finite values, found {bad} NaN/inf entries")
+    return x
+
+
+@dataclass(frozen=True)
+class Attention:
+    """A row-stochastic patch-to-patch attention on a patch grid.
+
+    Attributes:
+        matrix: (B, N, N) float, non-negative, each row sums to 1; N = grid[0] * grid[1],
+            patches in row-major order (index = row * w + col).
+        grid: (h, w) of the patch grid the rows and columns live on.
+        source: free-form description of the provider (for records and figures).
+    """
+
+    matrix: torch.Tensor
+    grid: tuple[int, int]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        m = check_tensor(self.matrix, "Attention.matrix", 3, dims="(B, N, N)")
+        grid = tuple(int(g) for g in self.grid)
+        if len(grid) != 2 or min(grid) < 1:
+            raise ValueError(f"Attention.grid: expected (h, w) with h, w >= 1, got {self.grid}")
+        object.__setattr__(self, "grid", grid)
+        n = grid[0] * grid[1]
+        if m.shape[1] != m.shape[2] or m.shape[1] != n:
+            raise ValueError(
+                f"Attention.matrix: expected (B, N, N) with N = h*w = {grid[0]}*{grid[1]} = {n}, "
+                f"got shape {tuple(m.shape)}"
+            )
+        if m.numel() == 0:
+            return
+        if bool((m < 0).any()):
+            raise ValueError(
+                f"Attention.matrix: expected non-negative entries, min is {float(m.min()):.3g}"
+            )
+        rows = m.float().sum(-1)
+        err = float((rows - 1).abs().max())
+        if err > ROW_SUM_TOL:
+            raise ValueError(
+                "Attention.matrix: expected rows summing to 1 (row-stochastic), largest "
+                f"deviation is {err:.3g}; use Attention.from_scores() to normalise raw weights"
+            )
+
+    @property
+    def batch(self) -> int:
+        return int(self.matrix.shape[0])
+
+    @classmethod
+    def from_scores(cls, weights: torch.Tensor, grid: tuple[int, int], source: str = "") -> "Attention":
+        """Build from non-negative weights (B, N, N) by renormalising rows.
+
+        Rows that sum to zero raise ``ValueError`` rather than silently becoming uniform.
+        """
+        w = check_tensor(weights, "attention weights", 3, dims="(B, N, N)").float()
+        if bool((w < 0).any()):
+            raise ValueError("attention weights: expected non-negative entries")
+        s = w.sum(-1, keepdim=True)
+        if bool((s <= 0).any()):
+            raise ValueError(
+                f"attention weights: {int((s <= 0).sum())} rows sum to 0; cannot make them stochastic"
+            )
+        return cls(w / s, grid, source)
+
+
+@dataclass(frozen=True)
+class PatchLogits:
+    """Raw patch-text similarities of an OVSS model, before any upsampling.
+
+    Attributes:
+        logits: (B, Q, h, w) float: cosine similarities of Q text queries (classes or
+            synonyms) at each patch of an h x w grid.
+        query_to_class: (Q,) int64 in [0, C): the class each query belongs to; synonyms
+            share a class. Default: identity (Q = C).
+        num_classes: C; default ``max(query_to_class) + 1``.
+    """
+
+    logits: torch.Tensor
+    query_to_class: Optional[torch.Tensor] = None
+    num_classes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        lg = check_tensor(self.logits, "PatchLogits.logits", 4, dims="(B, Q, h, w)")
+        q = lg.shape[1]
+        if q == 0:
+            raise ValueError("PatchLogits.logits: expected at least one query, got Q = 0")
+        qc = self.query_to_class
+        if qc is None:
+            qc = torch.arange(q, device=lg.device)
+        qc = check_tensor(qc, "PatchLogits.query_to_class", 1, floating=False, dims="(Q,)").long()
+        if qc.shape[0] != q:
+            raise ValueError(
+                f"PatchLogits.query_to_class: expected {q} entries (one per query), got {qc.shape[0]}"
+            )
+        if bool((qc < 0).any()):
+            raise ValueError("PatchLogits.query_to_class: expected class indices >= 0")
+        c = int(qc.max()) + 1 if self.num_classes is None else int(self.num_classes)
+        if c < int(qc.max()) + 1:
+            raise ValueError(
+                f"PatchLogits.num_classes = {c} but query_to_class refers to class {int(qc.max())}"
+            )
+        object.__setattr__(self, "query_to_class", qc.to(lg.device))
+        object.__setattr__(self, "num_classes", c)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.logits.shape[2]), int(self.logits.shape[3])
+
+    def per_class(self) -> torch.Tensor:
+        """Reduce synonyms to classes by taking the max over each class's queries.
+
+        Returns:
+            (B, C, h, w) logits; a class without any query gets the minimum logit of the image
+            (so it never wins the argmax) rather than -inf (which would make NaN in softmax
+            products downstream).
+        """
+        lg = self.logits
+        b, _, h, w = lg.shape
+        c = self.num_classes
+        idx = self.query_to_class.view(1, -1, 1, 1).expand_as(lg)
+        floor = lg.amin(dim=(1, 2, 3), keepdim=True).expand(b, c, h, w).clone()
+        return floor.scatter_reduce(1, idx, lg, reduce="amax", include_self=True)
+
+
+@dataclass(frozen=True)
+class RefinerOutput:
+    """What ``DiscrepancyRefiner`` returns.
+
+    Attributes:
+        labels: (B, H, W) int64 class indices in [0, C).
+        scores: (B, C, H, W) float32 per-class scores at image resolution (higher wins;
+            rejected classes hold -inf so they never win).
+        active: (B, C) bool: classes kept by category early rejection.
+        stages: optional intermediates for figures (name -> tensor), empty unless asked for.
+    """
+
+    labels: torch.Tensor
+    scores: torch.Tensor
+    active: torch.Tensor
+    stages: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_tensor(self.labels, "RefinerOutput.labels", 3, floating=False, dims="(B, H, W)")
+        if self.labels.dtype != torch.int64:
+            raise ValueError(f"RefinerOutput.labels: expected int64, got {self.labels.dtype}")
+        check_tensor(self.scores, "RefinerOutput.scores", 4, finite=False, dims="(B, C, H, W)")
+        if bool(torch.isnan(self.scores).any()):
+            raise ValueError("RefinerOutput.scores: NaN entries")
+        check_tensor(self.active, "RefinerOutput.active", 2, floating=False, dims="(B, C)")
+        b, c, hh, ww = self.scores.shape
+        if tuple(self.labels.shape) != (b, hh, ww) or tuple(self.active.shape) != (b, c):
+            raise ValueError(
+                f"RefinerOutput: inconsistent shapes labels {tuple(self.labels.shape)}, "
+                f"scores {tuple(self.scores.shape)}, active {tuple(self.active.shape)}"
+            )

@@ -1,0 +1,190 @@
+"""DiscrepancyRefiner: early rejection -> NMS -> normalise -> solve -> upsample -> argmax."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import RefinerConfig
+from .grid import resample_attention
+from .jbu import joint_bilateral_upsample
+from .kl import kl_uniform_map
+from .path import gibbs_kernel, joint_path_map, paper_path_map, relaxed_path_map
+from .records import Attention, RefinerOutput, check_tensor
+from .selection import class_probabilities, early_rejection, nms_mask
+from .velocity import arrival_velocity, doubly_stochastic, markov_chain, paper_velocity
+
+__all__ = ["DiscrepancyRefiner", "discrepancy_map"]
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _over_patches(scaled: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Paper's Norm.(NMS(f)) read as a softmax over patches per class, rejected patches at -inf.
+
+    scaled (B, C, N), keep (B, N) bool -> (B, C, N), each class summing to 1 over N.
+    """
+    masked = scaled.masked_fill(~keep.unsqueeze(1), float("-inf"))
+    return torch.softmax(masked, dim=-1)
+
+
+def _per_patch(maps: torch.Tensor) -> torch.Tensor:
+    """Divide each patch's scores by their sum over classes (for fusing maps of other scales)."""
+    return maps / maps.sum(1, keepdim=True).clamp_min(_TINY)
+
+
+def discrepancy_map(
+    scaled: torch.Tensor,
+    probs: torch.Tensor,
+    keep: torch.Tensor,
+    attention: torch.Tensor,
+    config: RefinerConfig,
+) -> torch.Tensor:
+    """The solver step on the patch grid, for the classes given.
+
+    Args:
+        scaled: (B, K, N) scaled logits of the classes to solve for.
+        probs: (B, K, N) per-patch class probabilities (softmax over active classes).
+        keep: (B, N) bool NMS mask.
+        attention: (B, N, N) row-stochastic (float32).
+        config: the refiner configuration.
+
+    Returns:
+        (B, K, N) non-negative map, higher = more likely; comparable across classes at a patch.
+    """
+    solver = config.solver
+    nmsd = probs * keep.unsqueeze(1).to(probs.dtype) if config.nms else probs
+    if solver == "none":
+        return probs
+    if solver == "kl":
+        return kl_uniform_map(_over_patches(scaled, keep if config.nms else torch.ones_like(keep)))
+    if solver == "fusion":
+        path = discrepancy_map(scaled, probs, keep, attention, config.replace(solver="path"))
+        vel = discrepancy_map(scaled, probs, keep, attention, config.replace(solver="velocity"))
+        return 0.5 * (_per_patch(path) + _per_patch(vel))
+
+    literal = (solver == "path" and config.path_reading == "paper") or (
+        solver == "velocity" and config.velocity_reading == "paper")
+    base = attention.square() if (config.sharpen and not literal) else attention
+    if solver == "path" and config.path_reading == "paper":
+        f = _over_patches(scaled, keep if config.nms else torch.ones_like(keep))
+        return paper_path_map(f, attention, eps=config.path_eps, iters=config.path_iters)
+
+    chain = doubly_stochastic(base, config.ipf_iters)
+    if solver == "propagate":
+        return nmsd @ chain
+    if solver == "velocity":
+        if config.velocity_reading == "paper":
+            f = _over_patches(scaled, keep if config.nms else torch.ones_like(keep))
+            return paper_velocity(markov_chain(f, chain, config.velocity_steps), config.velocity_tau)
+        return arrival_velocity(markov_chain(nmsd, chain, config.velocity_steps), config.velocity_tau)
+    # path, "relaxed" / "joint": cost -log T on the (unsharpened) doubly stochastic attention;
+    # exp(-(C - min C)/eps) = (T / max T)^(1/eps), so eps = 0.5 already squares T
+    t = chain if not config.sharpen else doubly_stochastic(attention, config.ipf_iters)
+    kernel = gibbs_kernel(-torch.log(t + 1e-12), config.path_eps)
+    if config.path_reading == "joint":
+        return joint_path_map(nmsd, kernel, iters=config.path_iters, tol=config.path_tol)
+    return relaxed_path_map(nmsd, kernel, rho=config.path_rho, eps=config.path_eps,
+                            iters=config.path_iters, tol=config.path_tol)
+
+
+class DiscrepancyRefiner(nn.Module):
+    """Training-free refinement of OVSS patch logits with a self-attention matrix.
+
+    ``DiscrepancyRefiner(solver="velocity")`` or ``DiscrepancyRefiner(config)``; any
+    ``RefinerConfig`` field can be given by keyword.
+
+    Call: ``refiner(logits, attention, image) -> RefinerOutput``
+        logits: (B, C, h, w) raw cosine similarities (any float dtype; computed in float32).
+        attention: ``Attention`` (matrix (B or 1, N', N') on any grid, resampled to (h, w)) or
+            a tensor (B or 1, N, N) with N = h * w (rows are renormalised).
+        image: (B, 3, H, W) float in [0, 1]; the output has its size.
+    """
+
+    def __init__(self, config: Union[RefinerConfig, None] = None, **options) -> None:
+        super().__init__()
+        base = config if config is not None else RefinerConfig()
+        if not isinstance(base, RefinerConfig):
+            raise ValueError(f"DiscrepancyRefiner: expected a RefinerConfig, got {type(base).__name__}")
+        self.config = base.replace(**options) if options else base
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"solver={c.solver!r}, path_reading={c.path_reading!r}, velocity_reading={c.velocity_reading!r}"
+
+    def _attention(self, attention: Union[Attention, torch.Tensor], b: int, grid: tuple[int, int]) -> torch.Tensor:
+        if isinstance(attention, torch.Tensor):
+            check_tensor(attention, "attention", 3, dims="(B, N, N)")
+            n = grid[0] * grid[1]
+            if attention.shape[1:] != (n, n):
+                raise ValueError(
+                    f"attention: expected (B, N, N) with N = h*w = {n} for logits grid {grid}, got "
+                    f"{tuple(attention.shape)}; pass a dslo.Attention with its own grid to resample"
+                )
+            attention = Attention.from_scores(attention, grid)
+        elif not isinstance(attention, Attention):
+            raise ValueError(f"attention: expected dslo.Attention or a (B, N, N) tensor, got {type(attention).__name__}")
+        if attention.batch not in (1, b):
+            raise ValueError(f"attention: batch size {attention.batch} does not match logits batch {b} (expected {b} or 1)")
+        n = grid[0] * grid[1]
+        limit = self.config.max_matrix_bytes
+        if limit is not None and self.config.solver not in ("none", "kl") and 4 * n * n * 4 > limit:
+            raise ValueError(
+                f"attention: N = {n} patches needs ~{4 * n * n * 4 / 2**30:.1f} GiB of N x N work "
+                f"buffers per image, above max_matrix_bytes = {limit / 2**30:.1f} GiB; use a coarser "
+                "logits grid or raise RefinerConfig.max_matrix_bytes"
+            )
+        att = resample_attention(attention, grid)
+        m = att.matrix.float()
+        return m.expand(b, -1, -1) if m.shape[0] != b else m
+
+    def forward(self, logits: torch.Tensor, attention: Union[Attention, torch.Tensor], image: torch.Tensor) -> RefinerOutput:
+        cfg = self.config
+        check_tensor(logits, "logits", 4, dims="(B, C, h, w)")
+        b, c, h, w = logits.shape
+        if b == 0 or c == 0:
+            raise ValueError(f"logits: expected B >= 1 images and C >= 1 classes, got shape {tuple(logits.shape)}")
+        check_tensor(image, "image", 4, dims="(B, 3, H, W) in [0, 1]")
+        if image.shape[0] != b or image.shape[1] != 3:
+            raise ValueError(f"image: expected ({b}, 3, H, W) to match logits, got {tuple(image.shape)}")
+        if image.numel() and (float(image.min()) < -1e-3 or float(image.max()) > 1 + 1e-3):
+            raise ValueError(
+                f"image: expected values in [0, 1], got [{float(image.min()):.3g}, {float(image.max()):.3g}]"
+                " (divide 0..255 images by 255)")
+        out_size = tuple(image.shape[-2:])
+        device = logits.device
+        att = self._attention(attention, b, (h, w)).to(device) if cfg.solver not in ("none", "kl") else None
+
+        scaled = logits.float().flatten(2) * cfg.logit_scale  # (B, C, N)
+        active = early_rejection(scaled) if cfg.early_rejection else torch.ones(b, c, dtype=torch.bool, device=device)
+        keep = nms_mask(scaled, cfg.nms_threshold) if cfg.nms else torch.ones(b, h * w, dtype=torch.bool, device=device)
+        # solve only for classes active in some image of the batch: early rejection is what
+        # makes 150- or 171-class vocabularies cheap
+        cols = active.any(0).nonzero().squeeze(1)
+        sub_scaled = scaled[:, cols]
+        sub_active = active[:, cols]
+        probs = class_probabilities(sub_scaled, sub_active)
+        maps = discrepancy_map(sub_scaled, probs, keep, att, cfg) if att is not None or cfg.solver in ("none", "kl") else None
+        maps = maps * sub_active.unsqueeze(-1).to(maps.dtype)
+        maps = maps.reshape(b, -1, h, w)
+        if cfg.upsample == "jbu":
+            up = joint_bilateral_upsample(maps, image.to(device), cfg.jbu_sigma_spatial2,
+                                          cfg.jbu_sigma_range2, cfg.jbu_radius)
+        else:
+            up = F.interpolate(maps, size=out_size, mode="bilinear", align_corners=False)
+        up = up.masked_fill(~sub_active.view(b, -1, 1, 1), float("-inf"))
+        scores = torch.full((b, c) + out_size, float("-inf"), device=device)
+        scores[:, cols] = up
+        labels = cols[up.argmax(1)]
+        if not bool(torch.isfinite(up.amax(1)).all()):
+            raise ValueError("DiscrepancyRefiner: non-finite scores at some pixel (a solver diverged)")
+        stages = {}
+        if cfg.return_stages:
+            full = torch.zeros(b, c, h * w, device=device)
+            full[:, cols] = probs
+            stages = {"probabilities": full.view(b, c, h, w), "nms": keep.view(b, h, w),
+                      "map": torch.zeros(b, c, h, w, device=device).index_copy_(1, cols, maps)}
+        return RefinerOutput(labels=labels, scores=scores, active=active, stages=stages)
