@@ -71,10 +71,12 @@ def joint_bilateral_upsample(
     guide_low = F.interpolate(guide, size=(h, w), mode="bilinear", antialias=True,
                               align_corners=False) if (h, w) != (hh, ww) else guide
     # continuous low-res coordinates of every output pixel centre
-    ys = (torch.arange(hh, device=dev, dtype=torch.float32) + 0.5) * (h / hh) - 0.5
-    xs = (torch.arange(ww, device=dev, dtype=torch.float32) + 0.5) * (w / ww) - 0.5
-    y0 = ys.round().long().clamp(0, h - 1)
-    x0 = xs.round().long().clamp(0, w - 1)
+    # (float64 on 1-D vectors: the window centre of pixels exactly between two cells must not
+    # depend on float32 rounding)
+    ys = (torch.arange(hh, device=dev, dtype=torch.float64) + 0.5) * (h / hh) - 0.5
+    xs = (torch.arange(ww, device=dev, dtype=torch.float64) + 0.5) * (w / ww) - 0.5
+    y0 = torch.floor(ys + 0.5).long().clamp(0, h - 1)
+    x0 = torch.floor(xs + 0.5).long().clamp(0, w - 1)
     num = torch.zeros(b, c, hh, ww, device=dev)
     den = torch.zeros(b, 1, hh, ww, device=dev)
     r = int(radius)
@@ -84,12 +86,12 @@ def joint_bilateral_upsample(
         qy = y0 + dy
         vy = (qy >= 0) & (qy < h)
         qyc = qy.clamp(0, h - 1)
-        sy = (ys - qyc.float()) ** 2  # (H,)
+        sy = ((ys - qyc) ** 2).float()  # (H,)
         for dx in range(-r, r + 1):
             qx = x0 + dx
             vx = (qx >= 0) & (qx < w)
             qxc = qx.clamp(0, w - 1)
-            sx = (xs - qxc.float()) ** 2  # (W,)
+            sx = ((xs - qxc) ** 2).float()  # (W,)
             valid = (vy[:, None] & vx[None, :]).float()  # (H, W)
             spatial = torch.exp(-(sy[:, None] + sx[None, :]) / sigma_spatial2) * valid
             index = (qyc[:, None] * w + qxc[None, :]).reshape(-1)  # (H*W,)

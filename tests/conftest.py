@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """../shared/data, or skip: the real-image sets live beside the project, not inside it."""
+    if not (DATA / "voc14" / "images").is_dir():
+        pytest.skip(f"real-image data not found at {DATA} (see ../shared/data/README.md)")
+    return DATA
+
+
+def random_attention(b: int, n: int, seed: int = 0, sharp: float = 3.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(b, n, n, generator=g) * sharp, -1)
+
+
+def blob_problem(b: int = 1, h: int = 10, w: int = 12, seed: int = 0):
+    """Two-region logits (left/right halves) with noise, a matching block attention and image."""
+    g = torch.Generator().manual_seed(seed)
+    n = h * w
+    left = torch.zeros(h, w, dtype=torch.bool)
+    left[:, : w // 2] = True
+    truth = torch.where(left, 0, 1)
+    logits = torch.full((b, 3, h, w), 0.2)
+    logits[:, 0] += 0.06 * left
+    logits[:, 1] += 0.06 * ~left
+    logits[:, 2] -= 0.05  # a distractor that never wins
+    logits += 0.02 * torch.randn(b, 3, h, w, generator=g)
+    same = (left.flatten()[:, None] == left.flatten()[None, :]).float()
+    att = same + 0.05
+    att = (att / att.sum(-1, keepdim=True)).expand(b, n, n).contiguous()
+    image = torch.zeros(b, 3, h * 8, w * 8)
+    image[:, 0, :, : w * 4] = 0.9
+    image[:, 2, :, w * 4:] = 0.8
+    return logits, att, image, truth
