@@ -158,7 +158,7 @@ class SelfAttentionCapture:
     def __init__(
         self,
         inner,
-        sink: dict,
+        sink: "_Sink",
         weight: float,
         mode: AttentionMode,
         counter: list,

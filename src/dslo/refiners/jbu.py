@@ -77,32 +77,34 @@ def joint_bilateral_upsample(
     xs = (torch.arange(ww, device=dev, dtype=torch.float64) + 0.5) * (w / ww) - 0.5
     y0 = torch.floor(ys + 0.5).long().clamp(0, h - 1)
     x0 = torch.floor(xs + 0.5).long().clamp(0, w - 1)
-    num = torch.zeros(b, c, hh, ww, device=dev)
-    den = torch.zeros(b, 1, hh, ww, device=dev)
+    # Work column-major, (W, B, C, H): gathering low-res columns is then a copy of contiguous
+    # rows (index_select on dim 0), which is ~10x faster on CPU than gathering along the last dim.
+    guide_t = guide.permute(3, 0, 1, 2)  # (W, B, 3, H)
+    num = torch.zeros(ww, b, c, hh, device=dev)
+    den = torch.zeros(ww, b, 1, hh, device=dev)
     r = int(radius)
-    low_flat = low.flatten(2)  # (B, C, h*w)
-    guide_flat = guide_low.flatten(2)  # (B, 3, h*w)
     for dy in range(-r, r + 1):
         qy = y0 + dy
         vy = (qy >= 0) & (qy < h)
         qyc = qy.clamp(0, h - 1)
-        sy = ((ys - qyc) ** 2).float()  # (H,)
+        sy = torch.exp(-((ys - qyc) ** 2) / sigma_spatial2).float() * vy  # (H,)
+        low_rows = low.index_select(2, qyc).permute(3, 0, 1, 2).contiguous()  # (w, B, C, H)
+        guide_rows = guide_low.index_select(2, qyc).permute(3, 0, 1, 2).contiguous()  # (w, B, 3, H)
         for dx in range(-r, r + 1):
             qx = x0 + dx
             vx = (qx >= 0) & (qx < w)
             qxc = qx.clamp(0, w - 1)
-            sx = ((xs - qxc) ** 2).float()  # (W,)
-            valid = (vy[:, None] & vx[None, :]).float()  # (H, W)
-            spatial = torch.exp(-(sy[:, None] + sx[None, :]) / sigma_spatial2) * valid
-            index = (qyc[:, None] * w + qxc[None, :]).reshape(-1)  # (H*W,)
-            g = guide_flat[:, :, index].view(b, 3, hh, ww)
-            rng = torch.exp(-((guide - g) ** 2).sum(1, keepdim=True) / sigma_range2)
-            weight = rng * spatial  # (B, 1, H, W)
-            num += weight * low_flat[:, :, index].view(b, c, hh, ww)
+            sx = torch.exp(-((xs - qxc) ** 2) / sigma_spatial2).float() * vx  # (W,)
+            g = guide_rows.index_select(0, qxc)  # (W, B, 3, H)
+            weight = torch.exp(-((guide_t - g) ** 2).sum(2, keepdim=True) / sigma_range2)
+            weight = weight * (sx.view(-1, 1, 1, 1) * sy)  # (W, B, 1, H)
+            num.addcmul_(weight, low_rows.index_select(0, qxc))
             den += weight
+    num = num.permute(1, 2, 3, 0)
+    den = den.permute(1, 2, 3, 0)
     # the nearest low-res pixel always has spatial weight >= e^{-0.5/sigma_s^2} and range
     # weight >= e^{-3/sigma_r^2} > 0, so den > 0 unless sigmas underflow: guard anyway
-    return num / den.clamp_min(torch.finfo(torch.float32).tiny)
+    return (num / den.clamp_min(torch.finfo(torch.float32).tiny)).contiguous()
 
 
 class JointBilateralUpsample(nn.Module):
