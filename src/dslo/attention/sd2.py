@@ -109,6 +109,11 @@ _HOW_TO_GET = (
 )
 
 
+#: Memory for one chunk of heads' float32 scores in the capture processor (the probabilities
+#: need as much again while they are summed into the accumulator).
+_CHUNK_BYTES = 64 << 20
+
+
 class _CaptureDone(Exception):
     """Raised by the last capture processor to stop the UNet once every map is in."""
 
@@ -140,8 +145,11 @@ class SelfAttentionCapture:
     float32 (``query-key``: the module's attention probabilities; ``key-key``: q replaced by k),
     adds the head average times ``weight`` to the sink's sum for N tokens, then returns
     ``inner(...)``: the processor that was installed before computes the module's output, so the
-    forward pass is unchanged. Heads are processed one at a time and accumulated in place, so at
-    most two (B, N, N) float32 maps are alive besides the accumulator.
+    forward pass is unchanged. Heads are processed in chunks of at most 64 MiB of float32 scores
+    (one head at a time for 64 x 64 tokens, all heads at once for small maps) and summed into the
+    accumulator as they come: the scores and probabilities of all heads of a large map are
+    never held at once (at 512 px and 64 x 64 tokens: 3 x 64 MiB per image besides the
+    UNet's own activations).
 
     Args:
         inner: the original processor (computes the output).
@@ -222,20 +230,38 @@ class SelfAttentionCapture:
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, n, b).view(b, heads, -1, n).float()
         acc = torch.zeros(b, n, n, dtype=torch.float32, device=x.device)
-        buf = torch.empty_like(acc)
         scale = float(attn.scale)
-        for i in range(heads):
+        # heads in chunks of at most _CHUNK_BYTES of float32 scores (one head at a time for
+        # 64 x 64 tokens; all heads at once for small maps, where per-head calls cost more than
+        # the arithmetic); the two chunk buffers are reused, since fresh 64 MiB allocations cost
+        # as much in page faults as the matmul itself on CPU
+        step = _head_chunk(heads, b * n * n * 4)
+        scores = torch.empty(b, step, n, n, dtype=torch.float32, device=x.device)
+        probs = torch.empty_like(scores)
+        for i in range(0, heads, step):
             # float32 whatever the UNet's dtype (the upcast_attention rule, always on)
-            torch.matmul(query[:, i].float(), key[:, i].float().transpose(-1, -2), out=buf)
-            buf.mul_(scale)
+            left = query[:, i:i + step].float() * scale  # scaling (N, d) is cheaper than (N, N)
+            right = key[:, i:i + step].float().transpose(-1, -2)
+            torch.matmul(left, right, out=scores)
             if mask is not None:
-                buf.add_(mask[:, i])
-            # in-place softmax: one (B, N, N) buffer per head instead of three
-            buf.sub_(buf.amax(-1, keepdim=True)).exp_()
-            buf.div_(buf.sum(-1, keepdim=True))
-            acc.add_(buf)
-        del buf
+                scores.add_(mask[:, i:i + step])
+            _softmax_into(scores, probs)
+            acc.add_(probs[:, 0] if step == 1 else probs.sum(1))
+        del scores, probs
         self.sink.add(n, acc.mul_(self.weight / heads), self.weight)
+
+
+def _head_chunk(heads: int, bytes_per_head: int) -> int:
+    """The largest divisor of ``heads`` whose scores fit in ``_CHUNK_BYTES`` (at least 1)."""
+    fit = max(1, _CHUNK_BYTES // max(1, bytes_per_head))
+    return max(d for d in range(1, heads + 1) if heads % d == 0 and d <= fit)
+
+
+def _softmax_into(x: torch.Tensor, out: torch.Tensor) -> None:
+    try:
+        torch.ops.aten._softmax.out(x, -1, False, out=out)
+    except (AttributeError, RuntimeError, NotImplementedError):  # pragma: no cover - old torch
+        out.copy_(torch.softmax(x, dim=-1))
 
 
 def self_attention_modules(unet: nn.Module) -> dict[str, nn.Module]:

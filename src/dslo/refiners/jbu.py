@@ -65,12 +65,67 @@ def joint_bilateral_upsample(
         raise ValueError(f"joint_bilateral_upsample: radius must be >= 0, got {radius}")
     b, c, h, w = maps.shape
     hh, ww = image.shape[-2:]
-    dev = maps.device
     low = maps.float()
     guide = image.float()
     guide_low = F.interpolate(guide, size=(h, w), mode="bilinear", antialias=True,
                               align_corners=False) if (h, w) != (hh, ww) else guide
-    # continuous low-res coordinates of every output pixel centre
+    if hh % h == 0 and ww % w == 0:
+        return _jbu_blocks(low, guide, guide_low, sigma_spatial2, sigma_range2, int(radius))
+    return _jbu_offsets(low, guide, guide_low, sigma_spatial2, sigma_range2, int(radius))
+
+
+def _jbu_blocks(low, guide, guide_low, sigma_spatial2, sigma_range2, r, max_elems=1 << 23):
+    """Integer scale factors: the output pixels of one low-resolution cell form an sy x sx
+    block that shares one window, so the whole filter is a batched matmul per block
+    (neighbour values (C, K) @ weights (K, sy*sx)) and no (C, H, W) temporaries are made.
+    Blocks are processed in chunks of at most ``max_elems`` weights to bound memory."""
+    b, c, h, w = low.shape
+    hh, ww = guide.shape[-2:]
+    sy, sx = hh // h, ww // w
+    k = 2 * r + 1
+    kk, pp = k * k, sy * sx
+    dev = low.device
+    # offsets inside a block do not depend on the block: (a + 0.5)/s - 0.5 - d
+    ay = (torch.arange(sy, device=dev, dtype=torch.float64) + 0.5) / sy - 0.5
+    ax = (torch.arange(sx, device=dev, dtype=torch.float64) + 0.5) / sx - 0.5
+    d = torch.arange(-r, r + 1, device=dev, dtype=torch.float64)
+    fy = torch.exp(-((ay[None, :] - d[:, None]) ** 2) / sigma_spatial2)  # (k, sy)
+    fx = torch.exp(-((ax[None, :] - d[:, None]) ** 2) / sigma_spatial2)  # (k, sx)
+    log_spatial = (fy[:, None, :, None] * fx[None, :, None, :]).reshape(kk, pp).log().float()  # (K, P)
+
+    def windows(x: torch.Tensor, mode: str) -> torch.Tensor:  # (B, D, h, w) -> (B, h*w, D, K)
+        pad = F.pad(x, (r, r, r, r), mode=mode) if r else x
+        return F.unfold(pad, k).view(x.shape[0], x.shape[1], kk, h * w).permute(0, 3, 1, 2)
+
+    ones = torch.ones(1, 1, h, w, device=dev)
+    valid = windows(ones, "constant")[:, :, 0, :, None]  # (1, hw, K, 1)
+    vals = torch.cat([windows(low, "constant"), valid.expand(b, -1, -1, -1).transpose(2, 3)], 2)  # (B, hw, C+1, K)
+    gwin = windows(guide_low, "replicate")  # (B, hw, 3, K)
+    pix = guide.view(b, 3, h, sy, w, sx).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, 3, pp)
+    # -|I(p) - G(q)|^2 / sr2 = (2 G.I - |G|^2 - |I|^2) / sr2: the dot product is one batched
+    # matmul added onto the other terms (baddbmm), then one in-place exp; out-of-image q get
+    # log 0 = -inf, i.e. weight 0
+    q_term = -(gwin * gwin).sum(2).unsqueeze(-1) / sigma_range2 + valid.log()  # (B, hw, K, 1)
+    p_term = -(pix * pix).sum(2).unsqueeze(2) / sigma_range2  # (B, hw, 1, P)
+    out = torch.empty(b, h * w, c + 1, pp, device=dev)
+    step = max(1, max_elems // (kk * pp * b))
+    for s0 in range(0, h * w, step):
+        sl = slice(s0, s0 + step)
+        n = b * q_term[:, sl].shape[1]
+        bias = (q_term[:, sl] + p_term[:, sl] + log_spatial).reshape(n, kk, pp)
+        wgt = torch.baddbmm(bias, gwin[:, sl].transpose(2, 3).reshape(n, kk, 3),
+                            pix[:, sl].reshape(n, 3, pp), alpha=2.0 / sigma_range2)
+        wgt.exp_()
+        out[:, sl] = (vals[:, sl].reshape(n, c + 1, kk) @ wgt).view(b, -1, c + 1, pp)
+    res = out[:, :, :c] / out[:, :, c:].clamp_min(torch.finfo(torch.float32).tiny)
+    return res.view(b, h, w, c, sy, sx).permute(0, 3, 1, 4, 2, 5).reshape(b, c, hh, ww)
+
+
+def _jbu_offsets(low, guide, guide_low, sigma_spatial2, sigma_range2, r):
+    """Any scale factors: loop over the (2r+1)^2 window offsets, each a vectorised pass."""
+    b, c, h, w = low.shape
+    hh, ww = guide.shape[-2:]
+    dev = low.device
     # (float64 on 1-D vectors: the window centre of pixels exactly between two cells must not
     # depend on float32 rounding)
     ys = (torch.arange(hh, device=dev, dtype=torch.float64) + 0.5) * (h / hh) - 0.5
@@ -82,7 +137,6 @@ def joint_bilateral_upsample(
     guide_t = guide.permute(3, 0, 1, 2)  # (W, B, 3, H)
     num = torch.zeros(ww, b, c, hh, device=dev)
     den = torch.zeros(ww, b, 1, hh, device=dev)
-    r = int(radius)
     for dy in range(-r, r + 1):
         qy = y0 + dy
         vy = (qy >= 0) & (qy < h)
@@ -105,6 +159,8 @@ def joint_bilateral_upsample(
     # the nearest low-res pixel always has spatial weight >= e^{-0.5/sigma_s^2} and range
     # weight >= e^{-3/sigma_r^2} > 0, so den > 0 unless sigmas underflow: guard anyway
     return (num / den.clamp_min(torch.finfo(torch.float32).tiny)).contiguous()
+
+
 
 
 class JointBilateralUpsample(nn.Module):

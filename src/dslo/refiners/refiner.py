@@ -12,7 +12,7 @@ from .config import RefinerConfig
 from .grid import resample_attention
 from .jbu import joint_bilateral_upsample
 from .kl import kl_uniform_map
-from .path import gibbs_kernel, joint_path_map, paper_path_map, relaxed_path_map
+from .path import joint_path_map, paper_path_map, relaxed_path_map
 from .records import Attention, RefinerOutput, check_tensor
 from .selection import class_probabilities, early_rejection, nms_mask
 from .velocity import arrival_velocity, doubly_stochastic, markov_chain, paper_velocity
@@ -66,29 +66,35 @@ def discrepancy_map(
         vel = discrepancy_map(scaled, probs, keep, attention, config.replace(solver="velocity"))
         return 0.5 * (_per_patch(path) + _per_patch(vel))
 
-    literal = (solver == "path" and config.path_reading == "paper") or (
-        solver == "velocity" and config.velocity_reading == "paper")
-    base = attention.square() if (config.sharpen and not literal) else attention
     if solver == "path" and config.path_reading == "paper":
         f = _over_patches(scaled, keep if config.nms else torch.ones_like(keep))
         return paper_path_map(f, attention, eps=config.path_eps, iters=config.path_iters)
 
-    chain = doubly_stochastic(base, config.ipf_iters)
-    if solver == "propagate":
-        return nmsd @ chain
-    if solver == "velocity":
+    if solver in ("propagate", "velocity"):
+        literal = solver == "velocity" and config.velocity_reading == "paper"
+        base = attention.square() if (config.sharpen and not literal) else attention
+        chain = doubly_stochastic(base, config.ipf_iters)
+        if solver == "propagate":
+            return nmsd @ chain
         if config.velocity_reading == "paper":
             f = _over_patches(scaled, keep if config.nms else torch.ones_like(keep))
             return paper_velocity(markov_chain(f, chain, config.velocity_steps), config.velocity_tau)
         return arrival_velocity(markov_chain(nmsd, chain, config.velocity_steps), config.velocity_tau)
-    # path, "relaxed" / "joint": cost -log T on the (unsharpened) doubly stochastic attention;
-    # exp(-(C - min C)/eps) = (T / max T)^(1/eps), so eps = 0.5 already squares T
-    t = chain if not config.sharpen else doubly_stochastic(attention, config.ipf_iters)
-    kernel = gibbs_kernel(-torch.log(t + 1e-12), config.path_eps)
+    # path, "relaxed" / "joint": cost C = -log T on the doubly stochastic attention T = IPF(A);
+    # exp(-(C - min_j C)/eps) = (T / max_j T)^(1/eps): eps = 0.5 squares T, which is the
+    # sharpening, so ``sharpen`` does not apply here
+    kernel = _power_kernel(doubly_stochastic(attention, config.ipf_iters), config.path_eps)
     if config.path_reading == "joint":
         return joint_path_map(nmsd, kernel, iters=config.path_iters, tol=config.path_tol)
     return relaxed_path_map(nmsd, kernel, rho=config.path_rho, eps=config.path_eps,
                             iters=config.path_iters, tol=config.path_tol)
+
+
+def _power_kernel(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """gibbs_kernel(-log(T + 1e-12), eps) without the log and exp passes: (T' / max_j T')^(1/eps)."""
+    t = t + 1e-12
+    t = t / t.amax(-1, keepdim=True)
+    return t.square_() if eps == 0.5 else t.pow_(1.0 / eps)
 
 
 class DiscrepancyRefiner(nn.Module):
