@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Attention, AttentionProvider, check_image, resample_attention
+from .base import Attention, AttentionProvider, check_image, resample_attention, resolve_device
 
 __all__ = ["Attention", "AttentionProvider", "resample_attention", "check_image", "build_attention"]
 
 #: provider name -> (module under dslo.attention, factory function in it)
 _PROVIDERS: dict[str, tuple[str, str]] = {
     "dinov2": ("dinov2", "build_dinov2"),
+    "affinity": ("affinity", "AffinityAttention"),
 }
 
 
-def build_attention(name: str, **options) -> AttentionProvider:
+def build_attention(name: str, device: object = None, **options) -> AttentionProvider:
     """Build an attention provider by name.
 
     Args:
         name: "dinov2" (options: ``weights``, ``layers``, ``mode``, ``size``,
             ``local_files_only``; see ``dslo.attention.dinov2.build_dinov2``).
-        **options: passed to the provider's factory.
+        device: optional "cpu"/"cuda[:N]"; checked to exist (``ValueError`` otherwise) and the
+            provider's model moved there. Default: where the factory put it (CPU).
+        **options: passed to the provider's factory. "affinity": ``patch_size``, ``grid``,
+            ``sigma_colour2``, ``sigma_position2`` (no weights).
 
     Returns:
         provider: image (B, 3, H, W) float in [0, 1] -> ``Attention`` with matrix (B, N, N),
@@ -39,6 +43,10 @@ def build_attention(name: str, **options) -> AttentionProvider:
         raise ValueError(
             f"build_attention: unknown attention provider {name!r}; known: {sorted(_PROVIDERS)}"
         )
+    dev = resolve_device(device) if device is not None else None
     module_name, factory = entry
     module = importlib.import_module(f".{module_name}", __name__)
-    return getattr(module, factory)(**options)
+    provider = getattr(module, factory)(**options)
+    if dev is not None and hasattr(provider, "to"):
+        provider = provider.to(dev)
+    return provider

@@ -24,7 +24,9 @@ app.add_typer(bench_app, name="bench")
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"dslo: error: {message}", err=True)
+    # one line, whatever the underlying library put in its message
+    first = " ".join(str(message).strip().splitlines()[:1]) or "failed"
+    typer.echo(f"dslo: error: {first}", err=True)
     raise typer.Exit(2)
 
 
@@ -154,7 +156,7 @@ def read_logits(path: Path):
         else:
             raise ValueError(f"logits file {path}: expected .pt or .npy, got {path.suffix!r}")
     except (OSError, RuntimeError, EOFError, pickle_error()) as exc:
-        raise ValueError(f"cannot read logits {path}: {exc}") from None
+        raise ValueError(f"cannot read logits {path}: not a tensor file ({type(exc).__name__})") from None
     if not isinstance(data, torch.Tensor):
         raise ValueError(f"logits file {path}: expected a tensor (or a dict with 'logits'), got {type(data).__name__}")
     if data.ndim == 3:
