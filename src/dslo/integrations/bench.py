@@ -228,7 +228,7 @@ class ConfusionMeter:
 
     def accuracy(self) -> float:
         m = self.matrix
-        return float(m.diag().sum() * 100.0 / max(int(m.sum()), 1))
+        return int(m.diag().sum()) * 100.0 / max(int(m.sum()), 1)
 
 
 def parse_method(spec: str) -> tuple[str, DiscrepancyRefiner]:

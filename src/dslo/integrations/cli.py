@@ -9,7 +9,6 @@ outputs are written to a temporary file and renamed, so a failed run never repla
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -55,6 +54,20 @@ def _provider(name: str, weights: Optional[str], options: dict):
     return build_attention(name, **options)
 
 
+def _command_line(ctx: "typer.Context") -> str:
+    """The running command rebuilt from its parsed parameters (every option spelled out, so
+    the line reproduces the run even when defaults change later)."""
+    parts = ["dslo"] + ctx.command_path.split()[1:]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or not param.opts:
+            continue
+        flag = max(param.opts, key=len)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            parts += [flag, shlex.quote(str(v))]
+    return " ".join(parts)
+
+
 def write_section(path: Path, section: str, body: str) -> None:
     """Replace (or append) the block between ``<!-- begin NAME -->`` and ``<!-- end NAME -->``
     of a markdown file, atomically, so several commands can fill one results file."""
@@ -75,6 +88,7 @@ def write_section(path: Path, section: str, body: str) -> None:
 
 @bench_app.command("quality")
 def bench_quality(
+    ctx: typer.Context,
     data: List[Path] = typer.Option(..., "--data", help="dataset folder(s) in the ../shared/data layout"),
     methods: str = typer.Option("raw+bilinear,raw+jbu,velocity,path", help="comma-separated; solver[:field=value;...] (use ';' between fields)"),
     attention: str = typer.Option("dinov2", help="attention provider: dinov2, affinity, sd2, clip"),
@@ -114,7 +128,7 @@ def bench_quality(
         cells = " | ".join(f"{results[n][m]['miou']:.1f} | {results[n][m]['acc']:.1f}" for n in names)
         per = sum(results[n][m]["seconds"] for n in names) / sum(len(ds) for ds in sets)
         lines.append(f"| `{m}` | {cells} | {per:.2f} |")
-    command = "dslo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command_line(ctx)
     lines += ["", f"Command: `{command}`", ""]
     table = "\n".join(lines).strip() + "\n"
     typer.echo(table)
