@@ -229,7 +229,7 @@ def test_clip_patch_logits_match_reference(clip_model, image, last_block):
     assert isinstance(out, PatchLogits)
     assert out.logits.shape == (2, 4, 5, 7) and out.grid == (5, 7)
     ref = ref_clip_logits(clip_model, image, text.features, last_block)
-    torch.testing.assert_close(out.logits.double(), ref, atol=2e-5, rtol=0)
+    torch.testing.assert_close(out.logits.double(), ref, atol=1e-5, rtol=0)
 
 
 def test_clip_resizes_short_side_to_patch_multiples(clip_model, image):
@@ -241,7 +241,7 @@ def test_clip_resizes_short_side_to_patch_multiples(clip_model, image):
     assert out.grid == (6, 8)
     resized = F.interpolate(image, size=(48, 64), mode="bilinear", align_corners=False, antialias=False)
     ref = ref_clip_logits(clip_model, resized, random_text().features, "maskclip")
-    torch.testing.assert_close(out.logits.double(), ref, atol=2e-5, rtol=0)
+    torch.testing.assert_close(out.logits.double(), ref, atol=1e-5, rtol=0)
 
 
 def test_clip_sliding_windows_average_on_the_patch_grid(clip_model, image):
@@ -278,12 +278,57 @@ def test_clip_adapter_checks_inputs(clip_model, image):
 
 
 def test_build_adapter_dispatch(clip_model):
+    from dslo.adapters import OVSSAdapter
+
     adapter = build_adapter("CLIP", model=clip_model, size=None)
-    assert isinstance(adapter, CLIPAdapter)
+    assert isinstance(adapter, CLIPAdapter) and isinstance(adapter, OVSSAdapter)
     with pytest.raises(ValueError, match=r"known: \['cass', 'clip', 'proxyclip', 'sc-clip'\]"):
         build_adapter("lseg")
     with pytest.raises(ValueError, match="cannot build open_clip model"):
         build_adapter("clip", model="no-such-model", pretrained=None)
+
+
+def test_clip_from_a_name_and_a_local_checkpoint(tmp_path, clip_model, image):
+    """open_clip name + checkpoint path (what a user with downloaded weights does)."""
+    import json
+
+    config = dict(embed_dim=32, vision_cfg=dict(layers=5, width=64, head_width=16, patch_size=8, image_size=32),
+                  text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1))
+    (tmp_path / "dslo-tiny-test.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path)
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(clip_model.state_dict(), checkpoint)
+    named = build_adapter("clip", model="dslo-tiny-test", pretrained=str(checkpoint), size=None)
+    direct = CLIPAdapter(clip_model, size=None)
+    text = named.encode_text(["cat", "dog"], templates=["a photo of a {}."])
+    torch.testing.assert_close(text.features, direct.encode_text(["cat", "dog"], templates=["a photo of a {}."]).features)
+    torch.testing.assert_close(named(image, text).logits, direct(image, text).logits)
+    with pytest.raises(ValueError, match="local checkpoint"):
+        build_adapter("clip", model="dslo-tiny-test", pretrained=str(tmp_path / "missing.pt"))
+
+
+def test_baseline_labels_follow_the_peers_postprocessing():
+    from dslo.adapters import PEER_POSTPROCESS, baseline_labels
+
+    g = torch.Generator().manual_seed(0)
+    logits = 0.2 + 0.05 * torch.randn(1, 4, 3, 4, generator=g)  # queries: bg, cat, kitty, dog
+    patch = PatchLogits(logits, torch.tensor([0, 1, 1, 2]))
+    labels = baseline_labels(patch, (6, 8), logit_scale=50.0)
+    up = F.interpolate(logits, size=(6, 8), mode="bilinear", align_corners=False)
+    probs = torch.softmax(50 * up, 1)
+    per_class = torch.stack([probs[:, 0], probs[:, 1:3].amax(1), probs[:, 3]], 1)
+    assert torch.equal(labels, per_class.argmax(1))
+    best = per_class.amax(1)
+    thd = float(best.median())
+    assert torch.equal(baseline_labels(patch, (6, 8), logit_scale=50.0, prob_thd=thd),
+                       torch.where(best < thd, 0, per_class.argmax(1)))
+    # the area filter drops a foreground class covering <= 40 % of the foreground
+    counts = torch.bincount(per_class.argmax(1).flatten(), minlength=3)[1:].float()
+    small = int(torch.argmin(counts)) + 1
+    assert counts.min() <= 0.4 * counts.sum()
+    filtered = baseline_labels(patch, (6, 8), logit_scale=50.0, area_thd=0.4)
+    assert not bool((filtered == small).any()) and bool((filtered == 3 - small).any())
+    assert PEER_POSTPROCESS[("sc-clip", "voc21")]["area_thd"] == 0.1
 
 
 # ----------------------------------------------------------------------------- hooks

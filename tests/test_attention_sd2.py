@@ -198,6 +198,37 @@ def test_capture_matches_direct_computation(parts, mode):
     assert float(att.matrix.max()) > 5.0 / att.matrix.shape[-1]
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 10**9])  # one head at a time; all heads at once
+@pytest.mark.parametrize("mode", ["key-key", "query-key"])
+def test_capture_processor_heads_chunks_and_mask(monkeypatch, chunk_bytes, mode):
+    from diffusers.models.attention_processor import Attention as DiffusersAttention
+    from diffusers.models.attention_processor import AttnProcessor
+
+    import dslo.attention.sd2 as sd2
+
+    monkeypatch.setattr(sd2, "_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    attn = DiffusersAttention(24, heads=4, dim_head=6).eval()
+    with torch.no_grad():
+        attn.to_q.weight.mul_(4)
+        attn.to_k.weight.mul_(4)
+    x = torch.randn(2, 10, 24)
+    mask = torch.zeros(2, 1, 10)
+    mask[0, 0, 7:] = -10000.0  # image 0 may not attend to its last three tokens
+    sink = sd2._Sink()
+    proc = sd2.SelfAttentionCapture(AttnProcessor(), sink, 0.25, mode, [0], 0, "attn")
+    with torch.no_grad():
+        out = proc(attn, x, attention_mask=mask)
+        torch.testing.assert_close(out, AttnProcessor()(attn, x, attention_mask=mask))
+        q = attn.head_to_batch_dim(attn.to_q(x) if mode == "query-key" else attn.to_k(x))
+        k = attn.head_to_batch_dim(attn.to_k(x))
+        full_mask = attn.prepare_attention_mask(mask, 10, 2)
+        expected = attn.get_attention_scores(q, k, full_mask).view(2, 4, 10, 10).mean(1)
+    assert list(sink.maps) == [10] and sink.weights == {10: 0.25}
+    torch.testing.assert_close(sink.maps[10] / 0.25, expected, atol=1e-5, rtol=1e-4)
+    assert float(sink.maps[10][0, :, 7:].max()) < 1e-6
+
+
 def test_key_key_differs_from_query_key(parts):
     _, unet = parts
     kk = unet_self_attention(unet, _latents(1), _prompt(), blocks=MODULE, mode="key-key").matrix
@@ -303,6 +334,7 @@ def test_provider_zero_prompt_and_precomputed_prompt(no_text_dir):
         build_sd2(str(no_text_dir), empty_prompt="nothing")
 
 
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 def test_bad_inputs(parts, no_text_dir, tmp_path, monkeypatch):
     vae, unet = parts
     provider = SD2Attention(vae, unet, resolution=32)

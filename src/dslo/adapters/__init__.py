@@ -18,6 +18,7 @@ import importlib
 
 from ..refiners.records import Attention, PatchLogits
 from .base import OVSSAdapter, TextFeatures, check_image
+from .baseline import PEER_POSTPROCESS, baseline_labels
 from .hooks import HookAdapter, RefinedSegmentor, wrap
 from .vocab import BENCHMARKS, IMAGENET_TEMPLATES, load_class_names
 
@@ -34,6 +35,8 @@ __all__ = [
     "BENCHMARKS",
     "IMAGENET_TEMPLATES",
     "check_image",
+    "baseline_labels",
+    "PEER_POSTPROCESS",
     "CLIPAdapter",
     "SCCLIPAdapter",
     "CASSAdapter",

@@ -50,13 +50,12 @@ from __future__ import annotations
 
 from typing import Callable, Literal, Optional, Union
 
-import math
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..refiners.records import Attention
-from .base import TextFeatures, check_image, input_size, resize_image
+from .base import TextFeatures, check_image, resize_image
 from .clip import CLIPDenseBase
 from .vfm import VisionFoundationModel
 
@@ -296,16 +295,17 @@ class CASSAdapter(CLIPDenseBase):
         self.vfm_size = vfm_size
         self.gaussian_std, self.k_eigen, self.rank = float(gaussian_std), int(k_eigen), int(rank)
         self.scale_factor, self.topk, self.head_pairing = float(scale_factor), int(topk), head_pairing
-        self._clusters: dict = {}
+        self._clusters: tuple = ()
 
     # -- text side ------------------------------------------------------------------------
 
     def clusters(self, text: TextFeatures) -> torch.Tensor:
         """Ward clusters of the vocabulary's queries (cached per vocabulary and threshold)."""
-        key = (text.features.data_ptr(), tuple(text.features.shape), self.h_threshold)
-        if key not in self._clusters:
-            self._clusters = {key: ward_clusters(text.features, self.h_threshold)}
-        return self._clusters[key]
+        cached = self._clusters
+        # keyed by the (immutable) TextFeatures object itself, held here so its id stays unique
+        if not cached or cached[0] is not text or cached[1] != self.h_threshold:
+            self._clusters = cached = (text, self.h_threshold, ward_clusters(text.features, self.h_threshold))
+        return cached[2]
 
     def adjusted_text(self, features: torch.Tensor, presence: torch.Tensor, text: TextFeatures) -> torch.Tensor:
         """Object-presence adjustment: features (B, N, E) normalised, presence (B, Q) -> (B, Q, E)."""

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..refiners.records import Attention
-from .base import check_image
+from .base import check_image, cosine_logits
 from .clip import CLIPDenseBase
-from .base import cosine_logits
+from .vocab import BENCHMARKS
 
 __all__ = ["SCCLIPAdapter", "local_outlier_factor", "lof_outliers", "resolve_anomalies", "aggregate"]
 
@@ -126,6 +126,8 @@ class SCCLIPAdapter(CLIPDenseBase):
                  multi_end_idx: int = 10, res_cls: float = 0.3, beta: float = 0.4,
                  attn_scale: float = 3.0, lof_neighbors: int = 30, lof_contamination: float = 0.05,
                  preset: Optional[str] = None, **options) -> None:
+        if preset is not None and preset not in BENCHMARKS:
+            raise ValueError(f"preset: expected a benchmark name {sorted(BENCHMARKS)}, got {preset!r}")
         if "size" not in options:
             options["size"] = _SIZES.get(preset or "", 336)
         options.setdefault("slide", (224, 112))

@@ -56,7 +56,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Mapping, Optional, Sequence, Union
+from typing import Literal, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +65,6 @@ from torch import nn
 from ..refiners.grid import resample_attention
 from ..refiners.records import Attention, check_tensor
 from .base import check_image
-
-if TYPE_CHECKING:  # pragma: no cover
-    import diffusers
 
 __all__ = [
     "AttentionMode",
