@@ -17,6 +17,8 @@ __all__ = ["Attention", "AttentionProvider", "resample_attention", "check_image"
 _PROVIDERS: dict[str, tuple[str, str]] = {
     "dinov2": ("dinov2", "build_dinov2"),
     "affinity": ("affinity", "AffinityAttention"),
+    "sd2": ("sd2", "build_sd2"),
+    "clip": ("clip", "build_clip"),
 }
 
 

@@ -41,6 +41,8 @@ class AffinityAttention:
         self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
         self.sigma_colour2 = float(sigma_colour2)
         self.sigma_position2 = float(sigma_position2)
+        self.source = (f"affinity patch_size={self.patch_size} grid={self.grid} "
+                       f"sigma_colour2={self.sigma_colour2} sigma_position2={self.sigma_position2}")
 
     def __call__(self, image: torch.Tensor) -> Attention:
         x = check_image(image).float()
@@ -51,4 +53,4 @@ class AffinityAttention:
         pos = torch.stack([ys.flatten(), xs.flatten()], -1).to(x.device)  # (N, 2)
         logits = -torch.cdist(colour, colour).square() / self.sigma_colour2
         logits = logits - torch.cdist(pos, pos).square().unsqueeze(0) / self.sigma_position2
-        return Attention(torch.softmax(logits, -1), (h, w), "affinity")
+        return Attention(torch.softmax(logits, -1), (h, w), self.source)

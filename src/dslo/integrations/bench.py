@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from ..refiners import DiscrepancyRefiner, RefinerConfig
 
-__all__ = ["CorruptionModel", "Dataset", "Sample", "ConfusionMeter", "simulate_logits",
+__all__ = ["init_distributed", "CorruptionModel", "Dataset", "Sample", "ConfusionMeter", "simulate_logits",
            "load_dataset", "parse_method", "run_quality", "KNOWN_IGNORE"]
 
 #: Ignore label of the folders in ../shared/data (see its README); other folders: 255 unless given.
@@ -276,7 +277,9 @@ def run_quality(
     parsed = [parse_method(m) for m in methods]
     meters = {label: ConfusionMeter(len(dataset.classes)) for label, _ in parsed}
     seconds = {label: 0.0 for label, _ in parsed}
-    ids = dataset.ids if progress is None else progress(dataset.ids)
+    rank, world = _dist_rank_world()
+    ids = dataset.ids[rank::world]  # each rank a disjoint shard; confusions are summed below
+    ids = ids if progress is None else progress(ids)
     for sample_id in ids:
         sample = dataset.load(sample_id)
         image = sample.image.unsqueeze(0)
@@ -297,9 +300,51 @@ def run_quality(
             per_image_dir.mkdir(parents=True, exist_ok=True)
             _atomic_write(per_image_dir / f"{sample_id}.json", json.dumps(
                 {"id": sample_id, "grid": list(att.grid), "vocab": vocab.tolist(), "methods": rows}, indent=1))
+    if world > 1:
+        _all_reduce(meters, seconds)
     return {label: {"miou": meters[label].miou(), "acc": meters[label].accuracy(),
                     "iou": [None if math.isnan(v) else v for v in meters[label].iou().tolist()],
-                    "seconds": seconds[label]} for label, _ in parsed}
+                    "seconds": seconds[label], "confusion": meters[label].matrix.tolist()}
+            for label, _ in parsed}
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(meters: dict, seconds: dict) -> None:
+    """Sum every rank's confusion matrices (int64, exact) and timings."""
+    import torch.distributed as dist
+
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    for label, meter in meters.items():
+        m = meter.matrix.to(backend_device)
+        dist.all_reduce(m, op=dist.ReduceOp.SUM)
+        meter.matrix = m.cpu()
+        t = torch.tensor([seconds[label]], dtype=torch.float64, device=backend_device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        seconds[label] = float(t)
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes (env RANK/WORLD_SIZE/MASTER_ADDR);
+    gloo on CPU, nccl when every rank has a GPU. Returns (rank, world size); (0, 1) when not
+    launched by torchrun."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+        return _dist_rank_world()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return _dist_rank_world()
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -54,6 +54,33 @@ def _provider(name: str, weights: Optional[str], options: dict):
     return build_attention(name, **options)
 
 
+def provider_key(provider) -> str:
+    """What identifies a provider's output besides the image (its description)."""
+    return str(getattr(provider, "source", None) or type(provider).__name__)
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The on-disk attention cache.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("clear")
+def cache_clear(cache_dir: Optional[Path] = typer.Option(None, help="cache folder")) -> None:
+    """Delete every cached attention matrix."""
+    from .cache import AttentionCache
+
+    c = AttentionCache(cache_dir)
+    typer.echo(f"removed {c.clear()} entries from {c.root}")
+
+
+@cache_app.command("info")
+def cache_info(cache_dir: Optional[Path] = typer.Option(None, help="cache folder")) -> None:
+    """Where the cache is and how big."""
+    from .cache import AttentionCache
+
+    c = AttentionCache(cache_dir)
+    typer.echo(f"{c.root}: {c.size() / 2**20:.1f} MiB")
+
+
 def _command_line(ctx: "typer.Context") -> str:
     """The running command rebuilt from its parsed parameters (every option spelled out, so
     the line reproduces the run even when defaults change later)."""
@@ -100,11 +127,20 @@ def bench_quality(
     section: str = typer.Option("quality", help="name of the block replaced in --out"),
     title: str = typer.Option("", help="heading of the table"),
     json_dir: Optional[Path] = typer.Option(None, help="folder for per-image JSON"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="reuse attention from the on-disk cache"),
+    cache_dir: Optional[Path] = typer.Option(None, help="attention cache folder (default $DSLO_CACHE or ~/.cache/dslo/attention)"),
 ) -> None:
-    """Dataset-level mIoU / pixel accuracy of refiners on real images with simulated logits."""
+    """Dataset-level mIoU / pixel accuracy of refiners on real images with simulated logits.
+
+    Under ``torchrun --nproc_per_node K`` each rank scores a shard of the images; confusion
+    matrices are summed across ranks, so the table equals a single-process run; rank 0 writes it.
+    """
     from rich.progress import track
 
-    from ..integrations.bench import load_dataset, run_quality
+    from ..integrations.bench import init_distributed, load_dataset, run_quality
+    from ..integrations.cache import AttentionCache, CachedProvider
+
+    rank, _ = init_distributed()
 
     method_list = [m.strip().replace(";", ",") for m in methods.split(",") if m.strip()]
     # "a:b=1;c=2" arrives split on ","; rebuild per-method option lists
@@ -113,6 +149,8 @@ def bench_quality(
         if attention == "affinity":
             weights = None
         provider = _provider(attention, weights, _options(attention_option))
+        if cache:
+            provider = CachedProvider(provider, AttentionCache(cache_dir), f"{attention}|{weights}|{provider_key(provider)}")
         results = {}
         for ds in sets:
             results[ds.name] = run_quality(ds, method_list, provider, seed=seed,
@@ -131,6 +169,8 @@ def bench_quality(
     command = _command_line(ctx)
     lines += ["", f"Command: `{command}`", ""]
     table = "\n".join(lines).strip() + "\n"
+    if rank != 0:
+        return
     typer.echo(table)
     if out is not None:
         write_section(out, section, table)
