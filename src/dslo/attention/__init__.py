@@ -26,8 +26,9 @@ def build_attention(name: str, device: object = None, **options) -> AttentionPro
     """Build an attention provider by name.
 
     Args:
-        name: "dinov2" (options: ``weights``, ``layers``, ``mode``, ``size``,
-            ``local_files_only``; see ``dslo.attention.dinov2.build_dinov2``).
+        name: "dinov2" (``weights``, ``layers``, ``mode``, ``size``, ``local_files_only``; see
+            ``dslo.attention.dinov2.build_dinov2``), "sd2" (``dslo.attention.sd2.build_sd2``),
+            "clip" (``dslo.attention.clip.build_clip``), "affinity" (no model).
         device: optional "cpu"/"cuda[:N]"; checked to exist (``ValueError`` otherwise) and the
             provider's model moved there. Default: where the factory put it (CPU).
         **options: passed to the provider's factory. "affinity": ``patch_size``, ``grid``,
