@@ -146,3 +146,31 @@ def test_arrival_time_interpolates():
     assert abs(float(v) - 1 / 2.5) < 1e-3
     # a patch already above tau at l = 0 moves fastest
     assert float(arrival_velocity(torch.tensor([0.5, 0.5]).view(2, 1, 1, 1), 0.1)) > 0.99
+
+
+def test_compressed_kernel_products_and_ipf():
+    from dslo.refiners.sparse import ell_dense, ell_ipf, ell_left, ell_right, topk_rows
+
+    a = random_attention(2, 40, seed=5)
+    vals, idx = topk_rows(a, 8)
+    dense = ell_dense(vals, idx, 40)
+    assert bool((torch.diagonal(dense, dim1=1, dim2=2) > 0).all())  # the diagonal is always kept
+    assert int((dense > 0).sum(-1).max()) == 8
+    x = torch.rand(2, 3, 40)
+    torch.testing.assert_close(ell_left(x, vals, idx), x @ dense)
+    torch.testing.assert_close(ell_right(x, vals, idx), x @ dense.transpose(1, 2))
+    t = ell_dense(ell_ipf(vals, idx, 15), idx, 40)
+    ref = doubly_stochastic(dense, 15) * (dense > 0)
+    torch.testing.assert_close(t, ref, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["path", "velocity", "propagate", "fusion"])
+def test_full_topk_equals_dense(solver):
+    import dslo
+    from conftest import blob_problem
+
+    logits, att, image, _ = blob_problem(seed=2)
+    dense = dslo.DiscrepancyRefiner(solver=solver, return_stages=True)(logits, att, image)
+    full = dslo.DiscrepancyRefiner(solver=solver, kernel_topk=120, return_stages=True)(logits, att, image)
+    torch.testing.assert_close(full.stages["map"], dense.stages["map"], atol=1e-5, rtol=1e-4)
+    assert torch.equal(full.labels, dense.labels)

@@ -85,7 +85,7 @@ def gibbs_kernel(cost: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def sinkhorn_scalings(
-    kernel: torch.Tensor,
+    kernel: "torch.Tensor | tuple[torch.Tensor, torch.Tensor]",
     source: torch.Tensor,
     target: torch.Tensor,
     *,
@@ -102,7 +102,8 @@ def sinkhorn_scalings(
     v = (target / K^T u)^(rho / (rho + eps))).
 
     Args:
-        kernel: (B, N, N) positive Gibbs kernel.
+        kernel: (B, N, N) positive Gibbs kernel, or a compressed one as (values, indices),
+            each (B, N, k) (see ``dslo.refiners.sparse``).
         source: (B, C, N) non-negative; rows may sum to 0 (that class gets u = 0).
         target: (B, N) or (N,) positive.
         iters: maximum iterations.
@@ -115,7 +116,7 @@ def sinkhorn_scalings(
         u, v: (B, C, N) scalings (plan^c = diag(u^c) K diag(v^c)); the number of iterations run.
     """
     tiny = torch.finfo(torch.float32).tiny
-    k = kernel.float()
+    k_times, kt_times = kernel_products(kernel)
     a = source.float()
     b = target.float()
     if b.ndim == 1:
@@ -126,21 +127,33 @@ def sinkhorn_scalings(
     u = torch.zeros_like(a)
     done = 0
     for it in range(1, iters + 1):
-        kv = v @ k.transpose(1, 2)  # (B, C, N): (K v)_i for every class at once
+        kv = k_times(v)  # (B, C, N): (K v)_i for every class at once
         u = a / kv.clamp_min(tiny)
-        ktu = u @ k  # (B, C, N): (K^T u)_j
+        ktu = kt_times(u)  # (B, C, N): (K^T u)_j
         v_new = (b / ktu.clamp_min(tiny)).pow(power)
         done = it
         if tol > 0 and it % check_every == 0:
             change = (v_new.clamp_min(tiny).log() - v.clamp_min(tiny).log()).abs().amax()
-            src_err = ((u * (v_new @ k.transpose(1, 2))) - a).abs().sum(-1).amax()
+            src_err = ((u * k_times(v_new)) - a).abs().sum(-1).amax()
             v = v_new
             if float(change) < tol and float(src_err) < tol:
                 break
         else:
             v = v_new
-    u = a / (v @ k.transpose(1, 2)).clamp_min(tiny)
+    u = a / k_times(v).clamp_min(tiny)
     return u, v, done
+
+
+def kernel_products(kernel):
+    """(x -> x K^T, x -> x K) for row vectors x (B, C, N), for a dense (B, N, N) kernel or a
+    compressed (values, indices) one."""
+    if isinstance(kernel, tuple):
+        from .sparse import ell_left, ell_right
+
+        vals, idx = kernel[0].float(), kernel[1]
+        return (lambda x: ell_right(x, vals, idx)), (lambda x: ell_left(x, vals, idx))
+    k = kernel.float()
+    return (lambda x: x @ k.transpose(1, 2)), (lambda x: x @ k)
 
 
 def relaxed_path_map(
@@ -160,7 +173,7 @@ def relaxed_path_map(
 
     Args:
         probs: (B, C, N) per-patch class probabilities after NMS.
-        kernel: (B, N, N) Gibbs kernel from ``gibbs_kernel``.
+        kernel: (B, N, N) Gibbs kernel from ``gibbs_kernel``, or compressed (values, indices).
 
     Returns:
         (B, C, N) non-negative map.
@@ -170,7 +183,7 @@ def relaxed_path_map(
     f = probs / mass.clamp_min(torch.finfo(torch.float32).tiny)
     target = torch.full((n,), 1.0 / n, device=probs.device)
     u, v, _ = sinkhorn_scalings(kernel, f, target, iters=iters, rho=rho, eps=eps, tol=tol)
-    return mass * v * (u @ kernel.float())
+    return mass * v * kernel_products(kernel)[1](u)
 
 
 def joint_path_map(probs: torch.Tensor, kernel: torch.Tensor, *, iters: int, tol: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ from .kl import kl_uniform_map
 from .path import joint_path_map, paper_path_map, relaxed_path_map
 from .records import Attention, RefinerOutput, check_tensor
 from .selection import class_probabilities, early_rejection, nms_mask
+from .sparse import ell_ipf, ell_left, topk_rows
 from .velocity import arrival_velocity, doubly_stochastic, markov_chain, paper_velocity
 
 __all__ = ["DiscrepancyRefiner", "discrepancy_map"]
@@ -66,6 +67,9 @@ def discrepancy_map(
         vel = discrepancy_map(scaled, probs, keep, attention, config.replace(solver="velocity"))
         return 0.5 * (_per_patch(path) + _per_patch(vel))
 
+    if config.kernel_topk is not None and solver in ("path", "velocity", "propagate"):
+        return _compressed_map(nmsd, attention, config)
+
     if solver == "path" and config.path_reading == "paper":
         f = _over_patches(scaled, keep if config.nms else torch.ones_like(keep))
         return paper_path_map(f, attention, eps=config.path_eps, iters=config.path_iters)
@@ -88,6 +92,24 @@ def discrepancy_map(
         return joint_path_map(nmsd, kernel, iters=config.path_iters, tol=config.path_tol)
     return relaxed_path_map(nmsd, kernel, rho=config.path_rho, eps=config.path_eps,
                             iters=config.path_iters, tol=config.path_tol)
+
+
+def _compressed_map(nmsd: torch.Tensor, attention: torch.Tensor, config: RefinerConfig) -> torch.Tensor:
+    """The working readings on a top-k sparse attention (``kernel_topk``); same maths as the
+    dense branches, products in O(C N k)."""
+    vals, idx = topk_rows(attention, config.kernel_topk)
+    if config.solver == "path":
+        t = ell_ipf(vals, idx, config.ipf_iters)
+        kernel = (_power_kernel(t, config.path_eps), idx)
+        return relaxed_path_map(nmsd, kernel, rho=config.path_rho, eps=config.path_eps,
+                                iters=config.path_iters, tol=config.path_tol)
+    t = ell_ipf(vals.square() if config.sharpen else vals, idx, config.ipf_iters)
+    if config.solver == "propagate":
+        return ell_left(nmsd, t, idx)
+    states = [nmsd]
+    for _ in range(config.velocity_steps):
+        states.append(ell_left(states[-1], t, idx))
+    return arrival_velocity(torch.stack(states), config.velocity_tau)
 
 
 def _power_kernel(t: torch.Tensor, eps: float) -> torch.Tensor:
