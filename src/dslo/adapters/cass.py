@@ -189,8 +189,9 @@ def _range_map(x: torch.Tensor, target: torch.Tensor, dims) -> torch.Tensor:
     return (x - lo) / (hi - lo) * (thi - tlo) + tlo
 
 
-def _spectrum(a: torch.Tensor, k: int) -> torch.Tensor:
-    vals = torch.linalg.eigvalsh(a.double()).flip(-1)[..., :k]
+def _spectrum(a: torch.Tensor, k: int, vals: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Top-k eigenvalues (descending) of symmetric matrices, L2- then L1-normalised."""
+    vals = (torch.linalg.eigvalsh(a.double()) if vals is None else vals).flip(-1)[..., :k]
     vals = F.normalize(vals, p=2, dim=-1)
     return F.normalize(vals, p=1, dim=-1)
 
@@ -214,10 +215,11 @@ def spectral_mixing(
     scale = d ** -0.5
     ac = (clip_keys.float() @ clip_keys.float().transpose(-1, -2)) * scale
     ad = (vfm_keys.float() @ vfm_keys.float().transpose(-1, -2)) * scale
-    ed, ec = _spectrum(ad, k_eigen), _spectrum(ac, k_eigen)
-    wass = (torch.sort(ed, -1).values.unsqueeze(2) - torch.sort(ec, -1).values.unsqueeze(1)).abs().sum(-1)  # (B, H, H)
-    # low rank of the symmetric PSD Gram matrix A^d: its SVD is its eigendecomposition
+    # A^d is a symmetric PSD Gram matrix: its SVD is its eigendecomposition (one eigh serves
+    # both the spectrum and the low-rank approximation)
     vals, vecs = torch.linalg.eigh(ad.double())
+    ed, ec = _spectrum(ad, k_eigen, vals), _spectrum(ac, k_eigen)
+    wass = (torch.sort(ed, -1).values.unsqueeze(2) - torch.sort(ec, -1).values.unsqueeze(1)).abs().sum(-1)  # (B, H, H)
     r = min(rank, n)
     s, u = vals.flip(-1)[..., :r], vecs.flip(-1)[..., :r]
     if stretch_singular_values:
