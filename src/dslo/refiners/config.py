@@ -69,9 +69,9 @@ class RefinerConfig:
         jbu_sigma_spatial2, jbu_sigma_range2, jbu_radius: JBU parameters (paper: 1, 0.1; the
             window radius in low-resolution pixels is ours: e^{-r^2/sigma_s^2} < 2% beyond 2).
         return_stages: keep intermediates (probabilities, NMS mask, discrepancy map).
-        kernel_topk: compressed kernel: keep the k largest attention entries of each row (and
-            the diagonal) and run IPF, the Markov chain and Sinkhorn on that sparse pattern,
-            O(C N k) per product instead of O(C N^2). Supported by "velocity" ("arrival"),
+        kernel_topk: compressed kernel: after the (dense) IPF and sharpening, keep the k largest
+            entries of each kernel row (and the diagonal) and run the Markov chain and Sinkhorn
+            on that sparse pattern, O(C N k) per product instead of O(C N^2). Supported by "velocity" ("arrival"),
             "propagate", "path" ("relaxed") and "fusion". None: dense (default).
         max_matrix_bytes: memory guard; an N x N float32 attention per image above it is
             refused with a clear error rather than taking the machine down (None: no limit).
