@@ -9,5 +9,14 @@ from .refiners import (Attention, DiscrepancyRefiner, PatchLogits, RefinerConfig
                        RefinerOutput, joint_bilateral_upsample)
 
 __version__ = "0.1.0"
-__all__ = ["Attention", "DiscrepancyRefiner", "PatchLogits", "RefinerConfig", "RefinerOutput",
+__all__ = ["wrap", "Attention", "DiscrepancyRefiner", "PatchLogits", "RefinerConfig", "RefinerOutput",
            "joint_bilateral_upsample", "__version__"]
+
+
+def __getattr__(name: str):
+    # dslo.wrap lives with the adapters; imported on first use so `import dslo` stays light
+    if name == "wrap":
+        from .adapters.hooks import wrap
+
+        return wrap
+    raise AttributeError(f"module 'dslo' has no attribute {name!r}")
