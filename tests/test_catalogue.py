@@ -7,7 +7,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import dslo
 from dslo import Attention, DiscrepancyRefiner, PatchLogits
 from dslo.attention import build_attention
 from dslo.integrations.bench import load_dataset

@@ -42,8 +42,7 @@ __all__ = [
 LastBlock = Literal["maskclip", "vanilla", "value-only"]
 _LAST_BLOCKS = ("maskclip", "vanilla", "value-only")
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from .._hub import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402  (re-exported)
 
 _HOW_TO_GET = (
     "give an open_clip model name with a pretrained tag (e.g. model='ViT-B-16', "

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..refiners.records import Attention
 from .base import check_image
+from .._hub import pair as _pair, hub_offline as _hub_offline
 
 __all__ = [
     "AttentionMode",
@@ -59,8 +60,7 @@ __all__ = [
 AttentionMode = Literal["key-key", "query-key", "query-query"]
 _MODES = ("key-key", "query-key", "query-query")
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from .._hub import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402  (re-exported)
 
 #: The ViT input side when ``build_clip`` loads the model itself (open_clip's
 #: ``force_image_size``: the positional embeddings are interpolated at load time).
@@ -613,17 +613,3 @@ def _normalise_layer(layer: int, count: int) -> int:
     if not -count <= layer < count:
         raise ValueError(f"layer: index {layer} out of range for a model with {count} blocks")
     return layer % count
-
-
-def _pair(value) -> tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
-
-
-def _hub_offline() -> bool:
-    # read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import
-    return any(
-        os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional, Sequence, Union
@@ -25,6 +24,7 @@ from torch import nn
 
 from ..refiners.records import Attention
 from .base import check_image
+from .._hub import pair as _pair, hub_offline as _hub_offline, looks_like_path as _looks_like_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
@@ -631,27 +631,3 @@ def _normalise_layers(layers: Sequence[int], count: int) -> list[int]:
     if len(set(picked)) != len(picked):
         raise ValueError(f"layers: expected distinct layers, got {list(layers)} (= {picked})")
     return picked
-
-
-def _pair(value) -> tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
-
-
-def _hub_offline() -> bool:
-    # read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import
-    return any(
-        os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
-def _looks_like_path(text: str) -> bool:
-    return (
-        text.startswith(("/", "./", "../", "~", "\\", "."))
-        or text.count("/") > 1
-        or "\\" in text
-        or bool(re.match(r"[A-Za-z]:[\\/]", text))
-        or text.endswith((".onnx", ".safetensors", ".bin", ".pt", ".pth", ".json"))
-    )

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +64,7 @@ from torch import nn
 from ..refiners.grid import resample_attention
 from ..refiners.records import Attention, check_tensor
 from .base import check_image
+from .._hub import hub_offline as _hub_offline, looks_like_path as _looks_like_path
 
 __all__ = [
     "AttentionMode",
@@ -891,21 +891,3 @@ def _load_cached(
     vae = vae.to(device).eval().requires_grad_(False)
     unet = unet.to(device).eval().requires_grad_(False)
     return SD2Components(vae, unet, prompt)
-
-
-def _hub_offline() -> bool:
-    # read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import
-    return any(
-        os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-        for var in ("HF_HUB_OFFLINE", "DIFFUSERS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
-def _looks_like_path(text: str) -> bool:
-    return (
-        text.startswith(("/", "./", "../", "~", "\\", "."))
-        or text.count("/") > 1
-        or "\\" in text
-        or bool(re.match(r"[A-Za-z]:[\\/]", text))
-        or text.endswith((".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json"))
-    )
