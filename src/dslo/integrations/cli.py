@@ -89,6 +89,9 @@ def _command_line(ctx: "typer.Context") -> str:
         value = ctx.params.get(param.name)
         if value is None or not param.opts:
             continue
+        if getattr(param, "is_flag", False) and getattr(param, "secondary_opts", None):
+            parts.append(param.opts[0] if value else param.secondary_opts[0])
+            continue
         flag = max(param.opts, key=len)
         for v in value if isinstance(value, (list, tuple)) else [value]:
             parts += [flag, shlex.quote(str(v))]
