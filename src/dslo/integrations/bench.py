@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -264,6 +264,7 @@ def run_quality(
     model: CorruptionModel = CorruptionModel(),
     per_image_dir: Optional[Path] = None,
     progress: Optional[Callable[[Iterable], Iterable]] = None,
+    logits_grid: Optional[int] = 37,
 ) -> dict:
     """Score every method on every image of ``dataset``.
 
@@ -273,6 +274,10 @@ def run_quality(
     Returns:
         {method: {"miou", "acc", "iou" (per class, NaN = absent), "seconds"}} plus per-image rows
         written to ``per_image_dir`` as JSON when given.
+
+    ``logits_grid``: long side, in patches, of the simulated logits' grid (the ViT-S/14 grid at
+    518 px: sides rounded like ``dinov2_input_size``), so every provider is scored on the same
+    logits and its attention is resampled to them; None puts the logits on the provider's grid.
     """
     parsed = [parse_method(m) for m in methods]
     meters = {label: ConfusionMeter(len(dataset.classes)) for label, _ in parsed}
@@ -284,7 +289,8 @@ def run_quality(
         sample = dataset.load(sample_id)
         image = sample.image.unsqueeze(0)
         att = attention(image)
-        logits, vocab = simulate_logits(sample.mask, len(dataset.classes), att.grid,
+        grid = att.grid if logits_grid is None else patch_grid(*image.shape[-2:], logits_grid)
+        logits, vocab = simulate_logits(sample.mask, len(dataset.classes), grid,
                                         seed=_seed(seed, dataset.name, sample_id), model=model)
         rows = {}
         for label, refiner in parsed:
@@ -306,6 +312,14 @@ def run_quality(
                     "iou": [None if math.isnan(v) else v for v in meters[label].iou().tolist()],
                     "seconds": seconds[label], "confusion": meters[label].matrix.tolist()}
             for label, _ in parsed}
+
+
+def patch_grid(height: int, width: int, long_side: int, patch: int = 14) -> tuple[int, int]:
+    """(h, w) patch grid of an image whose long side is scaled to ``long_side`` patches, each
+    side rounded to the nearest whole patch (halves up), as the DINOv2 provider does."""
+    scale = long_side * patch / max(height, width)
+    return (max(1, int(math.floor(height * scale / patch + 0.5))),
+            max(1, int(math.floor(width * scale / patch + 0.5))))
 
 
 def _dist_rank_world() -> tuple[int, int]:

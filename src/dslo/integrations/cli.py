@@ -130,6 +130,7 @@ def bench_quality(
     section: str = typer.Option("quality", help="name of the block replaced in --out"),
     title: str = typer.Option("", help="heading of the table"),
     json_dir: Optional[Path] = typer.Option(None, help="folder for per-image JSON"),
+    logits_grid: int = typer.Option(37, help="long side of the simulated logits grid in patches (0: the provider's grid)"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="reuse attention from the on-disk cache"),
     cache_dir: Optional[Path] = typer.Option(None, help="attention cache folder (default $DSLO_CACHE or ~/.cache/dslo/attention)"),
 ) -> None:
@@ -156,7 +157,7 @@ def bench_quality(
             provider = CachedProvider(provider, AttentionCache(cache_dir), f"{attention}|{weights}|{provider_key(provider)}")
         results = {}
         for ds in sets:
-            results[ds.name] = run_quality(ds, method_list, provider, seed=seed,
+            results[ds.name] = run_quality(ds, method_list, provider, seed=seed, logits_grid=logits_grid or None,
                                            per_image_dir=None if json_dir is None else json_dir / ds.name,
                                            progress=lambda xs, n=ds.name: track(xs, description=n))
     except ValueError as exc:
