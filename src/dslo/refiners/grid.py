@@ -40,4 +40,4 @@ def resample_attention(attention: Attention, grid: tuple[int, int]) -> Attention
     rows = F.interpolate(cols, size=(h, w), mode="bilinear", align_corners=False)
     out = rows.reshape(b, h * w, h * w).transpose(1, 2).clamp_min(0)
     out = out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
-    return Attention(out.contiguous(), (h, w), attention.source)
+    return Attention._trusted(out.contiguous(), (h, w), attention.source)

@@ -130,7 +130,9 @@ def sinkhorn_scalings(
         kv = k_times(v)  # (B, C, N): (K v)_i for every class at once
         u = a / kv.clamp_min(tiny)
         ktu = kt_times(u)  # (B, C, N): (K^T u)_j
-        v_new = (b / ktu.clamp_min(tiny)).pow(power)
+        v_new = b / ktu.clamp_min(tiny)
+        if power != 1.0:
+            v_new = v_new.pow_(power)
         done = it
         if tol > 0 and it % check_every == 0:
             change = (v_new.clamp_min(tiny).log() - v.clamp_min(tiny).log()).abs().amax()

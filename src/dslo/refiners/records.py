@@ -54,7 +54,10 @@ def check_tensor(
         )
     if floating and not x.is_floating_point():
         raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}")
-    if finite and x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+    # one reduction pass: NaN and inf survive a sum; only then pay for the exact count
+    if finite and x.is_floating_point() and x.numel() and not bool(torch.isfinite(x.sum(dtype=torch.float64)
+                                                                                  if x.dtype != torch.float64 else x.sum())) \
+            and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name}: expected finite values, found {bad} NaN/inf entries")
     return x
@@ -89,10 +92,9 @@ class Attention:
             )
         if m.numel() == 0:
             return
-        if bool((m < 0).any()):
-            raise ValueError(
-                f"Attention.matrix: expected non-negative entries, min is {float(m.min()):.3g}"
-            )
+        low = float(m.min())
+        if low < 0:
+            raise ValueError(f"Attention.matrix: expected non-negative entries, min is {low:.3g}")
         rows = m.float().sum(-1)
         err = float((rows - 1).abs().max())
         if err > ROW_SUM_TOL:
@@ -112,14 +114,27 @@ class Attention:
         Rows that sum to zero raise ``ValueError`` rather than silently becoming uniform.
         """
         w = check_tensor(weights, "attention weights", 3, dims="(B, N, N)").float()
-        if bool((w < 0).any()):
+        if w.numel() and float(w.min()) < 0:
             raise ValueError("attention weights: expected non-negative entries")
         s = w.sum(-1, keepdim=True)
         if bool((s <= 0).any()):
             raise ValueError(
                 f"attention weights: {int((s <= 0).sum())} rows sum to 0; cannot make them stochastic"
             )
-        return cls(w / s, grid, source)
+        return cls._trusted(w / s, grid, source)
+
+    @classmethod
+    def _trusted(cls, matrix: torch.Tensor, grid: tuple[int, int], source: str = "") -> "Attention":
+        """Build without re-checking a matrix this package has just normalised (each check is a
+        pass over N^2 entries, comparable to a solver iteration)."""
+        n = int(grid[0]) * int(grid[1])
+        if matrix.ndim != 3 or matrix.shape[1:] != (n, n):
+            raise ValueError(f"Attention: expected (B, {n}, {n}) for grid {tuple(grid)}, got {tuple(matrix.shape)}")
+        obj = cls.__new__(cls)
+        object.__setattr__(obj, "matrix", matrix)
+        object.__setattr__(obj, "grid", (int(grid[0]), int(grid[1])))
+        object.__setattr__(obj, "source", source)
+        return obj
 
 
 @dataclass(frozen=True)

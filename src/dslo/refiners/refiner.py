@@ -16,7 +16,7 @@ from .path import joint_path_map, paper_path_map, relaxed_path_map
 from .records import Attention, RefinerOutput, check_tensor
 from .selection import class_probabilities, early_rejection, nms_mask
 from .sparse import ell_ipf, ell_left, topk_rows
-from .velocity import arrival_velocity, doubly_stochastic, markov_chain, paper_velocity
+from .velocity import _ipf, arrival_velocity, markov_chain, paper_velocity
 
 __all__ = ["DiscrepancyRefiner", "discrepancy_map"]
 
@@ -77,7 +77,7 @@ def discrepancy_map(
     if solver in ("propagate", "velocity"):
         literal = solver == "velocity" and config.velocity_reading == "paper"
         base = attention.square() if (config.sharpen and not literal) else attention
-        chain = doubly_stochastic(base, config.ipf_iters)
+        chain = _ipf(base, config.ipf_iters)
         if solver == "propagate":
             return nmsd @ chain
         if config.velocity_reading == "paper":
@@ -87,7 +87,7 @@ def discrepancy_map(
     # path, "relaxed" / "joint": cost C = -log T on the doubly stochastic attention T = IPF(A);
     # exp(-(C - min_j C)/eps) = (T / max_j T)^(1/eps): eps = 0.5 squares T, which is the
     # sharpening, so ``sharpen`` does not apply here
-    kernel = _power_kernel(doubly_stochastic(attention, config.ipf_iters), config.path_eps)
+    kernel = _power_kernel(_ipf(attention, config.ipf_iters), config.path_eps)
     if config.path_reading == "joint":
         return joint_path_map(nmsd, kernel, iters=config.path_iters, tol=config.path_tol)
     return relaxed_path_map(nmsd, kernel, rho=config.path_rho, eps=config.path_eps,
@@ -104,11 +104,11 @@ def _compressed_map(nmsd: torch.Tensor, attention: torch.Tensor, config: Refiner
     """
     k = config.kernel_topk
     if config.solver == "path":
-        kernel = _power_kernel(doubly_stochastic(attention, config.ipf_iters), config.path_eps)
+        kernel = _power_kernel(_ipf(attention, config.ipf_iters), config.path_eps)
         return relaxed_path_map(nmsd, topk_rows(kernel, k), rho=config.path_rho, eps=config.path_eps,
                                 iters=config.path_iters, tol=config.path_tol)
     base = attention.square() if config.sharpen else attention
-    vals, idx = topk_rows(doubly_stochastic(base, config.ipf_iters), k)
+    vals, idx = topk_rows(_ipf(base, config.ipf_iters), k)
     vals = ell_ipf(vals, idx, 3)
     if config.solver == "propagate":
         return ell_left(nmsd, vals, idx)
