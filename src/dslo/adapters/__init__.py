@@ -19,7 +19,7 @@ import importlib
 from ..refiners.records import Attention, PatchLogits
 from .base import OVSSAdapter, TextFeatures, check_image
 from .baseline import PEER_POSTPROCESS, baseline_labels
-from .hooks import HookAdapter, RefinedSegmentor, wrap
+from .hooks import HookAdapter, RefinedModel, wrap
 from .vocab import BENCHMARKS, IMAGENET_TEMPLATES, load_class_names
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
     "TextFeatures",
     "OVSSAdapter",
     "HookAdapter",
-    "RefinedSegmentor",
+    "RefinedModel",
     "wrap",
     "build_adapter",
     "load_class_names",

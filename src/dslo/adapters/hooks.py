@@ -23,7 +23,7 @@ from torch import nn
 
 from ..refiners.records import Attention, PatchLogits, RefinerOutput
 
-__all__ = ["HookAdapter", "RefinedSegmentor", "wrap"]
+__all__ = ["HookAdapter", "RefinedModel", "wrap"]
 
 Capture = Literal["output", "input"]
 ToLogits = Callable[[dict, torch.Tensor], Union[PatchLogits, torch.Tensor]]
@@ -178,7 +178,7 @@ class HookAdapter:
         return self.logits(image, self.capture(image))
 
 
-class RefinedSegmentor(nn.Module):
+class RefinedModel(nn.Module):
     """A model followed by the DSLO refiner: ``forward(image) -> labels (B, H, W)``.
 
     Built by ``wrap``. ``refine(image)`` returns the full ``RefinerOutput``; ``patch_logits``
@@ -213,7 +213,7 @@ class RefinedSegmentor(nn.Module):
 
 def wrap(model: nn.Module, refiner: Optional[nn.Module] = None, attention: Optional[Callable] = None, *,
          to_logits: Optional[ToLogits] = None, layers=None, text=None, forward: Optional[Callable] = None,
-         stop_early: bool = False) -> RefinedSegmentor:
+         stop_early: bool = False) -> RefinedModel:
     """Turn a segmentation model into one that returns DSLO-refined labels.
 
     Args:
@@ -228,7 +228,7 @@ def wrap(model: nn.Module, refiner: Optional[nn.Module] = None, attention: Optio
         text: ``TextFeatures`` or class names for an adapter.
 
     Returns:
-        ``RefinedSegmentor``: ``forward(image (B, 3, H, W) in [0, 1]) -> labels (B, H, W)``.
+        ``RefinedModel``: ``forward(image (B, 3, H, W) in [0, 1]) -> labels (B, H, W)``.
     """
     if refiner is None:
         from ..refiners.refiner import DiscrepancyRefiner
@@ -260,7 +260,7 @@ def wrap(model: nn.Module, refiner: Optional[nn.Module] = None, attention: Optio
                 f"wrap: model(image) returned {type(out).__name__}; expected PatchLogits or (B, Q, h, w) "
                 "logits; pass layers=... and to_logits=... to read them with hooks"
             )
-    return RefinedSegmentor(source, model, refiner, attention)
+    return RefinedModel(source, model, refiner, attention)
 
 
 def _is_text_features(text) -> bool:
