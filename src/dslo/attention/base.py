@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..refiners.grid import resample_attention
-from ..refiners.records import Attention, check_tensor
+from ..refiners.records import Attention, check_image, check_tensor  # noqa: F401  (re-exported)
 
 __all__ = ["Attention", "AttentionProvider", "resample_attention", "check_image", "resolve_device"]
 
@@ -20,25 +20,6 @@ class AttentionProvider(Protocol):
     """
 
     def __call__(self, image: torch.Tensor) -> Attention: ...
-
-
-def check_image(image: object, name: str = "image") -> torch.Tensor:
-    """Check an image batch (B, 3, H, W), floating, finite, values in [0, 1].
-
-    Raises:
-        ValueError: with what was expected, e.g. when a 0..255 image is passed.
-    """
-    x = check_tensor(image, name, 4, dims="(B, 3, H, W) in [0, 1]")
-    if x.shape[1] != 3:
-        raise ValueError(f"{name}: expected 3 channels (B, 3, H, W), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name}: expected a batch of at least one image, got B = 0")
-    if x.numel() and (float(x.min()) < -1e-3 or float(x.max()) > 1 + 1e-3):
-        raise ValueError(
-            f"{name}: expected values in [0, 1], got [{float(x.min()):.3g}, {float(x.max()):.3g}]"
-            " (divide 0..255 images by 255)"
-        )
-    return x
 
 
 def resolve_device(device: object) -> torch.device:

@@ -20,23 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .records import check_tensor
+from .records import check_image, check_tensor
 
 __all__ = ["joint_bilateral_upsample", "JointBilateralUpsample"]
 
 
 def _check(maps: torch.Tensor, image: torch.Tensor) -> None:
     check_tensor(maps, "maps", 4, dims="(B, C, h, w)")
-    check_tensor(image, "image", 4, dims="(B, 3, H, W) in [0, 1]")
-    if image.shape[1] != 3:
-        raise ValueError(f"image: expected 3 channels (B, 3, H, W), got shape {tuple(image.shape)}")
+    check_image(image)
     if maps.shape[0] != image.shape[0]:
         raise ValueError(f"maps and image: batch sizes differ ({maps.shape[0]} vs {image.shape[0]})")
-    if image.numel() and (float(image.min()) < -1e-3 or float(image.max()) > 1 + 1e-3):
-        raise ValueError(
-            f"image: expected values in [0, 1], got [{float(image.min()):.3g}, {float(image.max()):.3g}]"
-            " (divide 0..255 images by 255)"
-        )
 
 
 def joint_bilateral_upsample(

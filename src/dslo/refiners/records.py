@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Attention", "PatchLogits", "RefinerOutput", "check_tensor"]
+__all__ = ["Attention", "PatchLogits", "RefinerOutput", "check_image", "check_tensor"]
 
 #: Tolerance on attention row sums. Providers renormalise in float32, so rows sum to 1 within
 #: a few ulps times N; fp16 inputs are converted before the check.
@@ -60,6 +60,25 @@ def check_tensor(
             and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name}: expected finite values, found {bad} NaN/inf entries")
+    return x
+
+
+def check_image(image: object, name: str = "image") -> torch.Tensor:
+    """Check an image batch (B, 3, H, W), floating, finite, values in [0, 1].
+
+    Raises:
+        ValueError: with what was expected, e.g. when a 0..255 image is passed.
+    """
+    x = check_tensor(image, name, 4, dims="(B, 3, H, W) in [0, 1]")
+    if x.shape[1] != 3:
+        raise ValueError(f"{name}: expected 3 channels (B, 3, H, W), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: expected a batch of at least one image, got B = 0")
+    if x.numel() and (float(x.min()) < -1e-3 or float(x.max()) > 1 + 1e-3):
+        raise ValueError(
+            f"{name}: expected values in [0, 1], got [{float(x.min()):.3g}, {float(x.max()):.3g}]"
+            " (divide 0..255 images by 255)"
+        )
     return x
 
 

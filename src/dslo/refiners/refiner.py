@@ -13,7 +13,7 @@ from .grid import resample_attention
 from .jbu import joint_bilateral_upsample
 from .kl import kl_uniform_map
 from .path import joint_path_map, paper_path_map, relaxed_path_map
-from .records import Attention, RefinerOutput, check_tensor
+from .records import Attention, RefinerOutput, check_image, check_tensor
 from .selection import class_probabilities, early_rejection, nms_mask
 from .sparse import ell_ipf, ell_left, topk_rows
 from .velocity import _ipf, arrival_velocity, markov_chain, paper_velocity
@@ -181,13 +181,9 @@ class DiscrepancyRefiner(nn.Module):
         b, c, h, w = logits.shape
         if b == 0 or c == 0:
             raise ValueError(f"logits: expected B >= 1 images and C >= 1 classes, got shape {tuple(logits.shape)}")
-        check_tensor(image, "image", 4, dims="(B, 3, H, W) in [0, 1]")
-        if image.shape[0] != b or image.shape[1] != 3:
+        check_image(image)
+        if image.shape[0] != b:
             raise ValueError(f"image: expected ({b}, 3, H, W) to match logits, got {tuple(image.shape)}")
-        if image.numel() and (float(image.min()) < -1e-3 or float(image.max()) > 1 + 1e-3):
-            raise ValueError(
-                f"image: expected values in [0, 1], got [{float(image.min()):.3g}, {float(image.max()):.3g}]"
-                " (divide 0..255 images by 255)")
         out_size = tuple(image.shape[-2:])
         device = logits.device
         att = self._attention(attention, b, (h, w)).to(device) if cfg.solver not in ("none", "kl") else None
