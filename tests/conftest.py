@@ -1,11 +1,23 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+def _data_root() -> Path:
+    """$DSLO_DATA, else ../shared/data beside the checkout, else the development machines'
+    /work/shared/data (a clean clone for CI may live elsewhere)."""
+    candidates = [os.environ.get("DSLO_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data",
+                  "/work/shared/data"]
+    for c in candidates:
+        if c and (Path(c) / "voc14" / "images").is_dir():
+            return Path(c)
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+DATA = _data_root()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from dslo.integrations.cli import app  # noqa: E402
 
 TINY = dict(embed_dim=32, vision_cfg=dict(layers=5, width=64, head_width=16, patch_size=8, image_size=32),
             text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1))
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import DATA as SHARED  # noqa: E402
 SIZES = [(40, 56), (48, 64), (56, 40)]
 
 
