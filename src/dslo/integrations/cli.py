@@ -155,7 +155,7 @@ def bench_quality(
     rank, _ = init_distributed()
 
     method_list = [m.strip().replace(";", ",") for m in methods.split(",") if m.strip()]
-    # "a:b=1;c=2" arrives split on ","; rebuild per-method option lists
+    # methods are separated by ","; a method's own options by ";" ("path:path_eps=0.25;path_rho=0.3")
     try:
         sets = [load_dataset(d, limit=limit) for d in data]
         if attention == "affinity":
