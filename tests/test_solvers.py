@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dslo.refiners import fused
 from dslo.refiners.path import gibbs_kernel, relaxed_path_map, sinkhorn_plan, sinkhorn_scalings
 from dslo.refiners.velocity import (arrival_velocity, doubly_stochastic, markov_chain,
                                     paper_velocity)
@@ -41,22 +42,29 @@ def test_sinkhorn_plan_marginals_when_converged():
     torch.testing.assert_close(plans.sum(1), tgt.expand(4, -1), atol=1e-6, rtol=0)
 
 
-def test_shared_kernel_scalings_equal_reference_plan():
+BACKENDS = ["torch", pytest.param("numba", marks=pytest.mark.skipif(
+    not fused.available(), reason="numba not installed (the 'fast' extra)"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_kernel_scalings_equal_reference_plan(backend):
     """The refiner's float32 batched scalings give the same plans as the float64 reference."""
     cost, src, tgt = _problem(40, 5, 3)
     eps = 0.2
     k = gibbs_kernel(cost.float().unsqueeze(0), eps)
-    u, v, _ = sinkhorn_scalings(k, src.float().unsqueeze(0), tgt.float(), iters=60)
+    u, v, _ = sinkhorn_scalings(k, src.float().unsqueeze(0), tgt.float(), iters=60, backend=backend)
     fast = u[0].unsqueeze(2) * k[0].unsqueeze(0) * v[0].unsqueeze(1)
     ref = sinkhorn_plan(cost, src, tgt, eps=eps, iters=60)
     torch.testing.assert_close(fast.double(), ref, atol=1e-5, rtol=0)
 
 
-def test_unbalanced_scalings_match_pot():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unbalanced_scalings_match_pot(backend):
     cost, src, tgt = _problem(30, 1, 5)
     eps, rho = 0.5, 0.1
     k = gibbs_kernel(cost.float().unsqueeze(0), eps)
-    u, v, _ = sinkhorn_scalings(k, src.float().unsqueeze(0), tgt.float(), iters=2000, rho=rho, eps=eps)
+    u, v, _ = sinkhorn_scalings(k, src.float().unsqueeze(0), tgt.float(), iters=2000, rho=rho, eps=eps,
+                                backend=backend)
     plan = (u[0, 0, :, None] * k[0] * v[0, 0, None, :]).double().numpy()
     # POT's semi-relaxed problem: source exact (reg_m = inf), target KL penalty rho
     ref = ot.unbalanced.sinkhorn_unbalanced(src[0].numpy(), tgt.numpy(), cost.numpy(), eps,

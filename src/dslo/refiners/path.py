@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from . import fused
+
 __all__ = ["sinkhorn_plan", "gibbs_kernel", "sinkhorn_scalings", "relaxed_path_map",
            "joint_path_map", "paper_path_map"]
 
@@ -94,6 +96,7 @@ def sinkhorn_scalings(
     eps: float = 1.0,
     tol: float = 0.0,
     check_every: int = 10,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Sinkhorn scalings for many sources sharing one kernel per image.
 
@@ -111,18 +114,25 @@ def sinkhorn_scalings(
         eps: the regularisation that built ``kernel`` (only used with ``rho``).
         tol: stop when the source L1 error and the largest change of log v are both below it
             (checked every ``check_every`` iterations; 0 disables early stopping).
+        backend: "torch" (two batched matrix products per iteration, any device), "numba"
+            (``dslo.refiners.fused``: one fused pass over a dense CPU kernel per iteration,
+            3-4x faster on a CPU; needs numba), or "auto" (numba when it is installed and the
+            kernel is dense, on the CPU and not tracked by autograd; else torch).
 
     Returns:
-        u, v: (B, C, N) scalings (plan^c = diag(u^c) K diag(v^c)); the number of iterations run.
+        u, v: (B, C, N) scalings (plan^c = diag(u^c) K diag(v^c)); the number of iterations run
+        (with the numba backend images stop independently; the largest count is returned).
     """
     tiny = torch.finfo(torch.float32).tiny
-    k_times, kt_times = kernel_products(kernel)
     a = source.float()
     b = target.float()
     if b.ndim == 1:
         b = b.expand(a.shape[0], -1)
     b = b.unsqueeze(1)  # (B, 1, N)
     power = 1.0 if rho is None else rho / (rho + eps)
+    if _use_fused(kernel, source, backend):
+        return _fused_scalings(kernel, a, b, iters=iters, power=power, tol=tol, check_every=check_every)
+    k_times, kt_times = kernel_products(kernel)
     v = torch.ones_like(a)
     u = torch.zeros_like(a)
     done = 0
@@ -144,6 +154,56 @@ def sinkhorn_scalings(
             v = v_new
     u = a / k_times(v).clamp_min(tiny)
     return u, v, done
+
+
+def _use_fused(kernel, source: torch.Tensor, backend: str) -> bool:
+    if backend not in ("auto", "torch", "numba"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
+    if backend == "torch":
+        return False
+    dense_cpu = (isinstance(kernel, torch.Tensor) and kernel.device.type == "cpu"
+                 and source.device.type == "cpu")
+    if backend == "numba":
+        if not dense_cpu:
+            raise ValueError("backend='numba' needs a dense kernel and marginals on the CPU")
+        if not fused.available():
+            raise ImportError("backend='numba' needs numba: pip install 'dslo[fast]'")
+        return True
+    tracked = torch.is_grad_enabled() and (kernel.requires_grad or source.requires_grad) if dense_cpu else True
+    return dense_cpu and not tracked and fused.available()
+
+
+def _fused_scalings(kernel, a, b, *, iters, power, tol, check_every):
+    """``sinkhorn_scalings`` through the fused CPU sweeps, image by image (same iterates)."""
+    tiny = torch.finfo(torch.float32).tiny
+    bsz, c, n = a.shape
+    us, vs, done = [], [], 0
+    for i in range(bsz):
+        k, src, tgt = kernel[i], a[i], b[i].expand(c, n)
+        v = torch.ones(c, n)
+        u = torch.zeros(c, n)
+        ran = 0
+        while c and ran < iters:
+            # Sweep up to the next checkpoint; the last iteration before it runs alone so
+            # that the change of log v can be measured exactly as the torch loop does.
+            stop = min(iters, (ran // check_every + 1) * check_every) if tol > 0 else iters
+            if stop - ran > 1 and tol > 0 and stop % check_every == 0:
+                u, v = fused.sweeps(k, src, tgt, v, iters=stop - ran - 1, power=power)
+                ran = stop - 1
+            v_old = v
+            u, v = fused.sweeps(k, src, tgt, v, iters=stop - ran, power=power)
+            ran = stop
+            if tol > 0 and ran % check_every == 0:
+                change = (v.clamp_min(tiny).log() - v_old.clamp_min(tiny).log()).abs().amax()
+                src_err = (u * fused.left_products(k, v) - src).abs().sum(-1).amax()
+                if float(change) < tol and float(src_err) < tol:
+                    break
+        if c:
+            u = src / fused.left_products(k, v).clamp_min(tiny)
+        us.append(u)
+        vs.append(v)
+        done = max(done, ran)
+    return torch.stack(us), torch.stack(vs), done
 
 
 def kernel_products(kernel):

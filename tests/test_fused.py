@@ -1,0 +1,106 @@
+"""The fused numba Sinkhorn computes the torch loop's iterates (dslo.refiners.fused)."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from dslo.refiners import fused
+from dslo.refiners.path import gibbs_kernel, sinkhorn_scalings
+from dslo.refiners.sparse import topk_rows
+
+from conftest import random_attention
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="numba not installed (the 'fast' extra)")
+
+
+def _problem(b, c, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    kernel = gibbs_kernel(-torch.log(random_attention(b, n, seed) + 1e-12), 0.5)
+    src = torch.softmax(torch.randn(b, c, n, generator=g) * 2, -1)
+    return kernel, src, torch.full((n,), 1.0 / n)
+
+
+def _plans(u, v, kernel):
+    return u.unsqueeze(-1) * kernel.unsqueeze(1) * v.unsqueeze(-2)
+
+
+# N = 1, 5 and 67 leave rows outside the four-row groups; a zero-mass class must give a zero plan.
+@pytest.mark.parametrize("n", [1, 5, 67, 128])
+@pytest.mark.parametrize("rho,tol", [(None, 0.0), (0.1, 0.0), (0.1, 1e-6), (None, 1e-4)])
+def test_fused_equals_torch_backend(n, rho, tol):
+    kernel, src, tgt = _problem(2, 4, n, seed=n)
+    src[1, 2] = 0.0
+    args = dict(iters=45, rho=rho, eps=0.5, tol=tol, check_every=10)
+    u_t, v_t, it_t = sinkhorn_scalings(kernel, src, tgt, backend="torch", **args)
+    u_f, v_f, it_f = sinkhorn_scalings(kernel, src, tgt, backend="numba", **args)
+    p_t, p_f = _plans(u_t, v_t, kernel), _plans(u_f, v_f, kernel)
+    assert torch.isfinite(p_f).all()
+    torch.testing.assert_close(p_f, p_t, atol=1e-6 * float(p_t.max()), rtol=0)
+    assert float(p_f[1, 2].abs().max()) == 0.0
+    # images stop independently in the fused loop; the torch loop stops on the worst image
+    assert it_f <= it_t
+    if tol == 0.0:
+        assert it_f == it_t == 45
+
+
+def test_fused_early_stop_reports_iterations():
+    kernel, src, tgt = _problem(1, 3, 64, seed=1)
+    _, _, ran = sinkhorn_scalings(kernel, src, tgt, iters=500, tol=1e-5, backend="numba")
+    assert ran % 10 == 0 and 10 <= ran < 500
+
+
+def test_auto_uses_fused_and_falls_back(monkeypatch):
+    kernel, src, tgt = _problem(1, 3, 32, seed=2)
+    calls = []
+    original = fused.sweeps
+
+    def counting(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    monkeypatch.setattr(fused, "sweeps", counting)
+    sinkhorn_scalings(kernel, src, tgt, iters=5)  # dense, CPU, no autograd: fused
+    assert calls
+    calls.clear()
+    sinkhorn_scalings(topk_rows(kernel, 8), src, tgt, iters=5)  # compressed: torch
+    k_grad = kernel.clone().requires_grad_(True)
+    u, _, _ = sinkhorn_scalings(k_grad, src, tgt, iters=5)  # autograd: torch keeps the graph
+    assert u.requires_grad
+    assert not calls
+
+
+def test_backend_errors():
+    kernel, src, tgt = _problem(1, 2, 16, seed=3)
+    with pytest.raises(ValueError, match="backend must be"):
+        sinkhorn_scalings(kernel, src, tgt, iters=3, backend="cuda")
+    with pytest.raises(ValueError, match="dense kernel"):
+        sinkhorn_scalings(topk_rows(kernel, 4), src, tgt, iters=3, backend="numba")
+    with pytest.raises(ValueError, match=r"\(N, N\)"):
+        fused.left_products(kernel[0, :, :8], src[0])
+    with pytest.raises(ValueError, match="iters must be >= 1"):
+        fused.sweeps(kernel[0], src[0], src[0], src[0], iters=0)
+
+
+def test_concurrent_calls_from_threads():
+    """numba's workqueue layer aborts on concurrent parallel launches; the lock serialises them."""
+    kernel, src, tgt = _problem(1, 3, 96, seed=4)
+    expected = sinkhorn_scalings(kernel, src, tgt, iters=20, backend="numba")[0]
+    results, errors = [], []
+
+    def work():
+        try:
+            results.append(sinkhorn_scalings(kernel, src, tgt, iters=20, backend="numba")[0])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 4
+    for r in results:
+        np.testing.assert_array_equal(r.numpy(), expected.numpy())
