@@ -23,6 +23,16 @@ def test_output_contract(solver):
     assert bool(out.active.gather(1, out.labels.flatten(1)).all())
 
 
+def test_ties_go_to_the_first_class():
+    """Two identical classes tie at every pixel; the label is the lower index, as argmax."""
+    logits, att, image, _ = blob_problem()
+    logits[:, 2] = logits[:, 0]
+    out = DiscrepancyRefiner(solver="none", early_rejection=False, upsample="bilinear")(logits, att, image)
+    assert bool((out.scores[:, 0] == out.scores[:, 2]).all())
+    assert not bool((out.labels == 2).any()) and bool((out.labels == 0).any())
+    torch.testing.assert_close(out.labels, out.scores.argmax(1))
+
+
 @pytest.mark.parametrize("solver,reading", [("path", "relaxed"), ("path", "joint"), ("velocity", "arrival"),
                                             ("propagate", "relaxed")])
 def test_solvers_repair_a_noisy_region(solver, reading):

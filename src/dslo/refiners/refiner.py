@@ -208,9 +208,12 @@ class DiscrepancyRefiner(nn.Module):
         up = up.masked_fill(~sub_active.view(b, -1, 1, 1), float("-inf"))
         scores = torch.full((b, c) + out_size, float("-inf"), device=device)
         scores[:, cols] = up
-        labels = cols[up.argmax(1)]
-        if not bool(torch.isfinite(up.amax(1)).all()):
+        # max(1) gives the first maximal index like argmax(1), in one pass; argmax over a
+        # non-last dim took 27 ms at 5 x 512 x 512 here, a third of the refiner (max: 2.7 ms)
+        best, winner = up.max(1)
+        if not bool(torch.isfinite(best).all()):
             raise ValueError("DiscrepancyRefiner: non-finite scores at some pixel (a solver diverged)")
+        labels = cols[winner]
         stages = {}
         if cfg.return_stages:
             full = torch.zeros(b, c, h * w, device=device)
