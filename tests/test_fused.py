@@ -104,3 +104,51 @@ def test_concurrent_calls_from_threads():
     assert len(results) == 4
     for r in results:
         np.testing.assert_array_equal(r.numpy(), expected.numpy())
+
+
+@pytest.mark.parametrize("n", [3, 66])
+def test_right_products_equal_matmul(n):
+    g = torch.Generator().manual_seed(n)
+    x, k = torch.rand(4, n, generator=g), torch.rand(n, n, generator=g)
+    torch.testing.assert_close(fused.right_products(x, k), x @ k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.left_products(k, x), x @ k.T, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"x \(C, N\)"):
+        fused.right_products(x[:, :2], k)
+
+
+def test_ipf_and_chain_fused_equal_torch(monkeypatch):
+    """IPF (Sinkhorn with unit marginals) and the Markov chain take the fused path when they
+    can; both must reproduce the torch products, batch broadcasting included."""
+    from dslo.refiners.velocity import _ipf, ipf_scalings, markov_chain
+
+    att = random_attention(2, 70, seed=5)
+    att[1, 3] = 0.0  # an empty row: the clamp keeps IPF defined on both paths
+    start = torch.softmax(torch.randn(2, 3, 70, generator=torch.Generator().manual_seed(0)), -1)
+    calls = []
+    sweeps, right = fused.sweeps, fused.right_products
+    monkeypatch.setattr(fused, "sweeps", lambda *a, **k: calls.append("s") or sweeps(*a, **k))
+    monkeypatch.setattr(fused, "right_products", lambda *a, **k: calls.append("r") or right(*a, **k))
+    got_rc = ipf_scalings(att, 15)
+    got_ds = _ipf(att, 15)
+    got_chain = markov_chain(start, got_ds[:1], 6)  # (1, N, N) transition shared by both images
+    assert "s" in calls and "r" in calls
+    monkeypatch.setattr(fused, "eligible", lambda *t: False)
+    calls.clear()
+    ref_rc = ipf_scalings(att, 15)
+    ref_ds = _ipf(att, 15)
+    ref_chain = markov_chain(start, ref_ds[:1], 6)
+    assert not calls
+    for got, ref in zip(got_rc, ref_rc):
+        torch.testing.assert_close(got, ref, rtol=2e-5, atol=0)
+    torch.testing.assert_close(got_ds, ref_ds, rtol=2e-5, atol=1e-9)
+    torch.testing.assert_close(got_chain, ref_chain, rtol=2e-5, atol=1e-8)
+    # the in-place scaling must not touch the caller's matrix
+    assert float(att[1, 3].abs().max()) == 0.0
+
+
+def test_ipf_keeps_autograd():
+    from dslo.refiners.velocity import _ipf
+
+    att = random_attention(1, 12, seed=6).requires_grad_(True)
+    _ipf(att, 5).sum().backward()
+    assert att.grad is not None and torch.isfinite(att.grad).all()

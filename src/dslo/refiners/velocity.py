@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
+
 __all__ = ["doubly_stochastic", "ipf_scalings", "markov_chain", "arrival_velocity",
            "paper_velocity"]
 
@@ -19,7 +21,8 @@ def ipf_scalings(matrix: torch.Tensor, iters: int = 15) -> tuple[torch.Tensor, t
 
     Iterates on the scaling vectors (two mat-vec products per round) instead of rewriting the
     N x N matrix 2 * iters times: the same IPF rounds (rows, then columns), a fraction of the
-    memory traffic.
+    memory traffic. A float32 CPU matrix outside autograd goes through the fused numba sweeps
+    when numba is installed (Sinkhorn with unit marginals: one pass over A per round).
 
     Args:
         matrix: (..., N, N) non-negative; entries are clamped at 1e-30 so that IPF is defined.
@@ -28,7 +31,17 @@ def ipf_scalings(matrix: torch.Tensor, iters: int = 15) -> tuple[torch.Tensor, t
     Returns:
         r, c: (..., N) float, same dtype as ``matrix``.
     """
-    a = matrix.clamp_min(_TINY)
+    return _scalings(matrix.clamp_min(_TINY), iters)
+
+
+def _scalings(a: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ipf_scalings`` of an already clamped matrix."""
+    if iters >= 1 and a.ndim in (2, 3) and a.shape[-1] > 0 and fused.eligible(a):
+        ones = torch.ones(1, a.shape[-1])
+        pairs = [fused.sweeps(m, ones, ones, ones, iters=iters) for m in a.reshape(-1, *a.shape[-2:])]
+        r = torch.stack([p[0][0] for p in pairs]).reshape(a.shape[:-1])
+        c = torch.stack([p[1][0] for p in pairs]).reshape(a.shape[:-1])
+        return r, c
     c = torch.ones(a.shape[:-1], dtype=a.dtype, device=a.device)
     r = c
     for _ in range(iters):
@@ -56,8 +69,11 @@ def doubly_stochastic(matrix: torch.Tensor, iters: int = 15) -> torch.Tensor:
 
 def _ipf(matrix: torch.Tensor, iters: int) -> torch.Tensor:
     """``doubly_stochastic`` without the input checks (for matrices the refiner validated)."""
-    r, c = ipf_scalings(matrix, iters)
-    return r.unsqueeze(-1) * matrix.clamp_min(_TINY) * c.unsqueeze(-2)
+    a = matrix.clamp_min(_TINY)  # a new tensor: scaled in place below (no N x N temporaries)
+    r, c = _scalings(a, iters)
+    if a.requires_grad:
+        return r.unsqueeze(-1) * a * c.unsqueeze(-2)
+    return a.mul_(r.unsqueeze(-1)).mul_(c.unsqueeze(-2))
 
 
 def markov_chain(start: torch.Tensor, transition: torch.Tensor, steps: int) -> torch.Tensor:
@@ -73,6 +89,14 @@ def markov_chain(start: torch.Tensor, transition: torch.Tensor, steps: int) -> t
     """
     states = [start]
     x = start
+    if fused.eligible(start, transition) and start.ndim == 3 and transition.ndim == 3 and start.shape[1] > 0:
+        # one pass over T per step through numba; MKL's skinny (C x N) @ (N x N) product is
+        # 2-3x slower on the CPU (results/performance.md)
+        mats = [transition[min(i, transition.shape[0] - 1)] for i in range(start.shape[0])]
+        for _ in range(steps):
+            x = torch.stack([fused.right_products(x[i], mats[i]) for i in range(start.shape[0])])
+            states.append(x)
+        return torch.stack(states)
     for _ in range(steps):
         x = x @ transition
         states.append(x)
