@@ -474,7 +474,7 @@ class OVSSSegmentor(_RefiningSegmentor):
         refiner: ``dict(solver="velocity", **RefinerConfig fields)`` or a ``DiscrepancyRefiner``.
         classes: a benchmark class file name ("voc21", "ade20k", ...), a class-file path, or a
             list of names; must match the dataset's label order.
-        weights_dir: local folder searched for weights (see ``experiments.load_clip_model``).
+        weights_dir: local folder searched for weights (see ``weights.load_clip_model``).
         cache: attention cache folder, True for the default one, None for none.
         data_preprocessor: default ``SegDataPreProcessor`` with mean 0, std 255, RGB: the
             model sees [0, 1] images (any other normalisation is undone).
