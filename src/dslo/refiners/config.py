@@ -10,18 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Literal, Optional
 
-__all__ = ["RefinerConfig", "Solver", "PathReading", "VelocityReading", "Upsample"]
+__all__ = ["RefinerConfig", "Solver", "PathReading", "VelocityReading", "Upsample", "KernelDtype"]
 
 Solver = Literal["path", "velocity", "fusion", "kl", "propagate", "none"]
 PathReading = Literal["relaxed", "joint", "paper"]
 VelocityReading = Literal["arrival", "paper"]
 Upsample = Literal["jbu", "bilinear"]
+KernelDtype = Literal["float32", "bfloat16", "float16"]
 
 _CHOICES = {
     "solver": ("path", "velocity", "fusion", "kl", "propagate", "none"),
     "path_reading": ("relaxed", "joint", "paper"),
     "velocity_reading": ("arrival", "paper"),
     "upsample": ("jbu", "bilinear"),
+    "kernel_dtype": ("float32", "bfloat16", "float16"),
 }
 
 
@@ -73,6 +75,11 @@ class RefinerConfig:
             entries of each kernel row (and the diagonal) and run the Markov chain and Sinkhorn
             on that sparse pattern, O(C N k) per product instead of O(C N^2). Supported by "velocity" ("arrival"),
             "propagate", "path" ("relaxed") and "fusion". None: dense (default).
+        kernel_dtype: storage and product precision of the dense kernel (path "relaxed"/"joint")
+            and chain ("arrival" velocity, "propagate") after the float32 IPF: "float32"
+            (default), or "bfloat16"/"float16" for GPUs (half the memory, tensor-core
+            products; the vectors stay float32). On a CPU the float32 default takes the fused
+            numba path and is as fast. Quality change measured in results/quality.md.
         max_matrix_bytes: memory guard; an N x N float32 attention per image above it is
             refused with a clear error rather than taking the machine down (None: no limit).
     """
@@ -99,6 +106,7 @@ class RefinerConfig:
     return_stages: bool = False
     max_matrix_bytes: Optional[int] = 4 * 1024**3
     kernel_topk: Optional[int] = None
+    kernel_dtype: KernelDtype = "float32"
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
@@ -124,6 +132,9 @@ class RefinerConfig:
                     self.solver in ("velocity", "fusion") and self.velocity_reading != "arrival":
                 raise ValueError("RefinerConfig.kernel_topk: the compressed kernel supports path_reading="
                                  "'relaxed' and velocity_reading='arrival' only")
+        if self.kernel_dtype != "float32" and self.kernel_topk is not None:
+            raise ValueError("RefinerConfig.kernel_dtype: half-precision kernels are dense only; "
+                             "use kernel_dtype='float32' with kernel_topk")
         if self.max_matrix_bytes is not None and int(self.max_matrix_bytes) <= 0:
             raise ValueError("RefinerConfig.max_matrix_bytes: expected a positive byte count or None")
 

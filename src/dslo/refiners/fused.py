@@ -40,27 +40,31 @@ def available() -> bool:
 if numba is not None:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _sweeps(K, a, b, u, v, iters, power, nblk):  # pragma: no cover - compiled
-        C, N = a.shape
+    def _accumulate(K, weights, a, v, u, acc, solve):  # pragma: no cover - compiled
+        """acc[blk] = sum over the rows i of block blk of w[:, i] K[i, :].
+
+        solve=False: w = weights (the product x K). solve=True: w = a / (K v) row by row,
+        written to u (one Sinkhorn half-step), so each row is read once for both products.
+        """
+        nblk, C, N = acc.shape
         tiny = np.float32(_TINY)
-        acc = np.zeros((nblk, C, N), np.float32)
         step = (N + nblk - 1) // nblk
         step = (step + 3) // 4 * 4  # blocks start on a multiple of 4 rows
-        for _ in range(iters):
-            for blk in prange(nblk):
-                lo = blk * step
-                hi = min(N, lo + step)
-                ab = acc[blk]
-                ab[:] = 0.0
-                i = lo
-                # Four rows at a time: each v element loaded once feeds four FMAs, and the
-                # four rows are reused from L1 for their K^T u contribution.
-                while i + 4 <= hi:
-                    k0 = K[i]
-                    k1 = K[i + 1]
-                    k2 = K[i + 2]
-                    k3 = K[i + 3]
-                    for c in range(C):
+        for blk in prange(nblk):
+            lo = blk * step
+            hi = min(N, lo + step)
+            ab = acc[blk]
+            ab[:] = 0.0
+            i = lo
+            # Four rows at a time: each v element loaded once feeds four FMAs, and the four
+            # rows are reused from L1 for their contribution to the accumulator.
+            while i + 4 <= hi:
+                k0 = K[i]
+                k1 = K[i + 1]
+                k2 = K[i + 2]
+                k3 = K[i + 3]
+                for c in range(C):
+                    if solve:
                         vc = v[c]
                         s0 = np.float32(0.0)
                         s1 = np.float32(0.0)
@@ -72,31 +76,40 @@ if numba is not None:
                             s1 += k1[j] * x
                             s2 += k2[j] * x
                             s3 += k3[j] * x
-                        u0 = a[c, i] / max(s0, tiny)
-                        u1 = a[c, i + 1] / max(s1, tiny)
-                        u2 = a[c, i + 2] / max(s2, tiny)
-                        u3 = a[c, i + 3] / max(s3, tiny)
-                        u[c, i] = u0
-                        u[c, i + 1] = u1
-                        u[c, i + 2] = u2
-                        u[c, i + 3] = u3
-                        ac = ab[c]
-                        for j in range(N):
-                            ac[j] += u0 * k0[j] + u1 * k1[j] + u2 * k2[j] + u3 * k3[j]
-                    i += 4
-                while i < hi:
-                    kr = K[i]
-                    for c in range(C):
+                        u[c, i] = a[c, i] / max(s0, tiny)
+                        u[c, i + 1] = a[c, i + 1] / max(s1, tiny)
+                        u[c, i + 2] = a[c, i + 2] / max(s2, tiny)
+                        u[c, i + 3] = a[c, i + 3] / max(s3, tiny)
+                    w0 = weights[c, i]
+                    w1 = weights[c, i + 1]
+                    w2 = weights[c, i + 2]
+                    w3 = weights[c, i + 3]
+                    ac = ab[c]
+                    for j in range(N):
+                        ac[j] += w0 * k0[j] + w1 * k1[j] + w2 * k2[j] + w3 * k3[j]
+                i += 4
+            while i < hi:
+                kr = K[i]
+                for c in range(C):
+                    if solve:
                         vc = v[c]
                         s = np.float32(0.0)
                         for j in range(N):
                             s += kr[j] * vc[j]
-                        ui = a[c, i] / max(s, tiny)
-                        u[c, i] = ui
-                        ac = ab[c]
-                        for j in range(N):
-                            ac[j] += ui * kr[j]
-                    i += 1
+                        u[c, i] = a[c, i] / max(s, tiny)
+                    wi = weights[c, i]
+                    ac = ab[c]
+                    for j in range(N):
+                        ac[j] += wi * kr[j]
+                i += 1
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _sweeps(K, a, b, u, v, iters, power, nblk):  # pragma: no cover - compiled
+        C, N = a.shape
+        tiny = np.float32(_TINY)
+        acc = np.zeros((nblk, C, N), np.float32)
+        for _ in range(iters):
+            _accumulate(K, u, a, v, u, acc, True)  # u = a / (K v); acc = partial K^T u
             for c in prange(C):
                 for j in range(N):
                     t = np.float32(0.0)
@@ -106,6 +119,18 @@ if numba is not None:
                     if power != 1.0:
                         x = x**power
                     v[c, j] = x
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _right(K, x, out, nblk):  # pragma: no cover - compiled
+        C, N = x.shape
+        acc = np.zeros((nblk, C, N), np.float32)
+        _accumulate(K, x, x, x, x, acc, False)
+        for c in prange(C):
+            for j in range(N):
+                t = np.float32(0.0)
+                for blk in range(nblk):
+                    t += acc[blk, c, j]
+                out[c, j] = t
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _left(K, v, out):  # pragma: no cover - compiled
@@ -118,47 +143,6 @@ if numba is not None:
                 for j in range(N):
                     s += kr[j] * vc[j]
                 out[c, i] = s
-
-
-    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _right(K, x, out, nblk):  # pragma: no cover - compiled
-        C, N = x.shape
-        acc = np.zeros((nblk, C, N), np.float32)
-        step = (N + nblk - 1) // nblk
-        step = (step + 3) // 4 * 4
-        for blk in prange(nblk):
-            lo = blk * step
-            hi = min(N, lo + step)
-            ab = acc[blk]
-            i = lo
-            while i + 4 <= hi:
-                k0 = K[i]
-                k1 = K[i + 1]
-                k2 = K[i + 2]
-                k3 = K[i + 3]
-                for c in range(C):
-                    x0 = x[c, i]
-                    x1 = x[c, i + 1]
-                    x2 = x[c, i + 2]
-                    x3 = x[c, i + 3]
-                    ac = ab[c]
-                    for j in range(N):
-                        ac[j] += x0 * k0[j] + x1 * k1[j] + x2 * k2[j] + x3 * k3[j]
-                i += 4
-            while i < hi:
-                kr = K[i]
-                for c in range(C):
-                    xi = x[c, i]
-                    ac = ab[c]
-                    for j in range(N):
-                        ac[j] += xi * kr[j]
-                i += 1
-        for c in prange(C):
-            for j in range(N):
-                t = np.float32(0.0)
-                for blk in range(nblk):
-                    t += acc[blk, c, j]
-                out[c, j] = t
 
 
 def eligible(*tensors: torch.Tensor) -> bool:

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import fused
+from .products import row_matmul
 
 __all__ = ["sinkhorn_plan", "gibbs_kernel", "sinkhorn_scalings", "relaxed_path_map",
            "joint_path_map", "paper_path_map"]
@@ -105,8 +106,9 @@ def sinkhorn_scalings(
     v = (target / K^T u)^(rho / (rho + eps))).
 
     Args:
-        kernel: (B, N, N) positive Gibbs kernel, or a compressed one as (values, indices),
-            each (B, N, k) (see ``dslo.refiners.sparse``).
+        kernel: (B, N, N) positive Gibbs kernel (float32; bfloat16/float16 run the products in
+            that precision, torch backend only), or a compressed one as (values, indices), each
+            (B, N, k) (see ``dslo.refiners.sparse``).
         source: (B, C, N) non-negative; rows may sum to 0 (that class gets u = 0).
         target: (B, N) or (N,) positive.
         iters: maximum iterations.
@@ -163,14 +165,17 @@ def _use_fused(kernel, source: torch.Tensor, backend: str) -> bool:
         return False
     dense_cpu = (isinstance(kernel, torch.Tensor) and kernel.device.type == "cpu"
                  and source.device.type == "cpu")
+    low_precision = dense_cpu and kernel.dtype in (torch.bfloat16, torch.float16)
     if backend == "numba":
         if not dense_cpu:
             raise ValueError("backend='numba' needs a dense kernel and marginals on the CPU")
+        if low_precision:
+            raise ValueError(f"backend='numba' runs float32 kernels; got {kernel.dtype} (use backend='torch')")
         if not fused.available():
             raise ImportError("backend='numba' needs numba: pip install 'dslo[fast]'")
         return True
     tracked = torch.is_grad_enabled() and (kernel.requires_grad or source.requires_grad) if dense_cpu else True
-    return dense_cpu and not tracked and fused.available()
+    return dense_cpu and not low_precision and not tracked and fused.available()
 
 
 def _fused_scalings(kernel, a, b, *, iters, power, tol, check_every):
@@ -214,8 +219,9 @@ def kernel_products(kernel):
 
         vals, idx = kernel[0].float(), kernel[1]
         return (lambda x: ell_right(x, vals, idx)), (lambda x: ell_left(x, vals, idx))
-    k = kernel.float()
-    return (lambda x: x @ k.transpose(1, 2)), (lambda x: x @ k)
+    k = kernel if kernel.dtype in (torch.bfloat16, torch.float16) else kernel.float()
+    kt = k.transpose(1, 2)
+    return (lambda x: row_matmul(x, kt)), (lambda x: row_matmul(x, k))
 
 
 def relaxed_path_map(
@@ -265,9 +271,9 @@ def joint_path_map(probs: torch.Tensor, kernel: torch.Tensor, *, iters: int, tol
     a = total / total.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     target = torch.full((n,), 1.0 / n, device=probs.device)
     u, _, _ = sinkhorn_scalings(kernel, a, target, iters=iters, tol=tol)
-    k = kernel.float()
-    arriving = (u * probs) @ k  # (B, C, N)
-    return arriving / (u @ k).clamp_min(torch.finfo(torch.float32).tiny)
+    times_k = kernel_products(kernel)[1]
+    arriving = times_k(u * probs)  # (B, C, N)
+    return arriving / times_k(u).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def paper_path_map(probs_over_patches: torch.Tensor, cost: torch.Tensor, *, eps: float, iters: int) -> torch.Tensor:

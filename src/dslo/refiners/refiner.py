@@ -13,6 +13,7 @@ from .grid import resample_attention
 from .jbu import joint_bilateral_upsample
 from .kl import kl_uniform_map
 from .path import joint_path_map, paper_path_map, relaxed_path_map
+from .products import KERNEL_DTYPES, row_matmul
 from .records import Attention, RefinerOutput, check_image, check_tensor
 from .selection import class_probabilities, early_rejection, nms_mask
 from .sparse import ell_ipf, ell_left, topk_rows
@@ -78,8 +79,10 @@ def discrepancy_map(
         literal = solver == "velocity" and config.velocity_reading == "paper"
         base = attention.square() if (config.sharpen and not literal) else attention
         chain = _ipf(base, config.ipf_iters)
+        if not literal:
+            chain = chain.to(KERNEL_DTYPES[config.kernel_dtype])
         if solver == "propagate":
-            return nmsd @ chain
+            return row_matmul(nmsd, chain)
         if config.velocity_reading == "paper":
             f = _over_patches(scaled, keep if config.nms else torch.ones_like(keep))
             return paper_velocity(markov_chain(f, chain, config.velocity_steps), config.velocity_tau)
@@ -88,6 +91,7 @@ def discrepancy_map(
     # exp(-(C - min_j C)/eps) = (T / max_j T)^(1/eps): eps = 0.5 squares T, which is the
     # sharpening, so ``sharpen`` does not apply here
     kernel = _power_kernel(_ipf(attention, config.ipf_iters), config.path_eps)
+    kernel = kernel.to(KERNEL_DTYPES[config.kernel_dtype])
     if config.path_reading == "joint":
         return joint_path_map(nmsd, kernel, iters=config.path_iters, tol=config.path_tol)
     return relaxed_path_map(nmsd, kernel, rho=config.path_rho, eps=config.path_eps,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import fused
+from .products import row_matmul
 
 __all__ = ["doubly_stochastic", "ipf_scalings", "markov_chain", "arrival_velocity",
            "paper_velocity"]
@@ -81,7 +82,8 @@ def markov_chain(start: torch.Tensor, transition: torch.Tensor, steps: int) -> t
 
     Args:
         start: (B, C, N) row vectors X^(0).
-        transition: (B, N, N) or (1, N, N).
+        transition: (B, N, N) or (1, N, N); float32, or bfloat16/float16 for half-precision
+            products (``RefinerConfig.kernel_dtype``).
         steps: L.
 
     Returns:
@@ -98,7 +100,7 @@ def markov_chain(start: torch.Tensor, transition: torch.Tensor, steps: int) -> t
             states.append(x)
         return torch.stack(states)
     for _ in range(steps):
-        x = x @ transition
+        x = row_matmul(x, transition)
         states.append(x)
     return torch.stack(states)
 
