@@ -12,7 +12,7 @@ from dslo.refiners.sparse import topk_rows
 
 from conftest import random_attention
 
-pytestmark = pytest.mark.skipif(not fused.available(), reason="numba not installed (the 'fast' extra)")
+numba = pytest.importorskip("numba", reason="numba not installed (the 'fast' extra)")
 
 
 def _problem(b, c, n, seed):
@@ -152,3 +152,50 @@ def test_ipf_keeps_autograd():
     att = random_attention(1, 12, seed=6).requires_grad_(True)
     _ipf(att, 5).sum().backward()
     assert att.grad is not None and torch.isfinite(att.grad).all()
+
+
+def _child_scalings(kernel, src, tgt, queue):
+    # as DataLoader workers do: torch's own OpenMP pool does not survive fork either (a
+    # multi-threaded product in the child hangs with this torch build, numba or not)
+    torch.set_num_threads(1)
+    try:
+        u, v, _ = sinkhorn_scalings(kernel, src, tgt, iters=20)  # auto
+        # numpy, not tensors: torch would share tensors through a socket that closes with the child
+        queue.put(("ok", u.numpy(), v.numpy(), fused.available()))
+    except Exception as exc:  # pragma: no cover - reported by the parent
+        queue.put(("error", repr(exc), None, None))
+
+
+def test_forked_child_falls_back_to_torch():
+    """GNU OpenMP (numba's usual layer) is not fork-safe: a child forked after the parent ran
+    the fused kernels must take the torch path instead of being terminated by numba."""
+    import multiprocessing as mp
+
+    kernel, src, tgt = _problem(1, 3, 40, seed=7)
+    u, v, _ = sinkhorn_scalings(kernel, src, tgt, iters=20, backend="numba")
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_scalings, args=(kernel, src, tgt, queue))
+    child.start()
+    status, cu, cv, child_available = queue.get(timeout=60)  # before join: a full pipe blocks the child
+    child.join(60)
+    assert child.exitcode == 0
+    assert status == "ok", cu
+    cu, cv = torch.from_numpy(cu), torch.from_numpy(cv)
+    if numba.threading_layer() == "omp":
+        assert child_available is False
+    torch.testing.assert_close(_plans(cu, cv, kernel), _plans(u, v, kernel), rtol=1e-4, atol=1e-9)
+
+
+def test_threads_follow_torch(monkeypatch):
+    """numba uses as many threads as torch (a one-thread shard stays at one thread)."""
+    kernel, src, tgt = _problem(1, 2, 32, seed=8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sinkhorn_scalings(kernel, src, tgt, iters=3, backend="numba")
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    sinkhorn_scalings(kernel, src, tgt, iters=3, backend="numba")
+    assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)

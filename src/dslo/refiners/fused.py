@@ -13,12 +13,13 @@ numba is optional (the ``fast`` extra). ``available()`` says whether this path c
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
 import torch
 
-__all__ = ["available", "eligible", "sweeps", "left_products", "right_products"]
+__all__ = ["available", "require", "eligible", "sweeps", "left_products", "right_products"]
 
 try:  # pragma: no cover - exercised by whichever environment the tests run in
     import numba
@@ -30,11 +31,38 @@ except ImportError:  # pragma: no cover
 # launch parallel kernels at once; a lock makes concurrent callers wait instead.
 _LOCK = threading.Lock()
 _TINY = float(np.finfo(np.float32).tiny)
+_OMP_PID = None  # the process that started numba's GNU OpenMP pool, if any
 
 
 def available() -> bool:
-    """True when numba is importable, so the fused CPU sweeps can run."""
-    return numba is not None
+    """True when numba is importable and this process may launch its parallel kernels.
+
+    False in a fork of a process that already ran them on numba's "omp" threading layer (GNU
+    OpenMP is not fork-safe; numba would terminate the child): callers then use torch.
+    """
+    return numba is not None and (_OMP_PID is None or _OMP_PID == os.getpid())
+
+
+def require() -> None:
+    """Raise the reason ``available()`` is False, if it is."""
+    if numba is None:
+        raise ImportError("the fused CPU kernels need numba: pip install 'dslo[fast]'")
+    if not available():
+        raise RuntimeError("the fused CPU kernels cannot run in a fork of a process that already ran "
+                           "them with GNU OpenMP (numba's 'omp' threading layer); use backend='torch', "
+                           "the 'spawn' start method, or NUMBA_THREADING_LAYER=workqueue (fork-safe, slower)")
+
+
+def _launch(kernel, *args) -> None:
+    """Run a compiled kernel with as many threads as torch uses (one knob for both libraries:
+    a torchrun shard or DataLoader worker limited to one thread stays at one)."""
+    global _OMP_PID
+    require()
+    with _LOCK:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        kernel(*args)
+        if _OMP_PID is None and numba.threading_layer() == "omp":
+            _OMP_PID = os.getpid()
 
 
 if numba is not None:
@@ -148,7 +176,7 @@ if numba is not None:
 def eligible(*tensors: torch.Tensor) -> bool:
     """True when numba is installed and every tensor is a float32 CPU tensor outside autograd,
     i.e. when ``backend="auto"`` callers may take the fused path without changing results."""
-    if numba is None:
+    if not available():
         return False
     for t in tensors:
         if t.device.type != "cpu" or t.dtype != torch.float32:
@@ -158,15 +186,10 @@ def eligible(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _require() -> None:
-    if numba is None:
-        raise ImportError("the fused CPU Sinkhorn needs numba: pip install 'dslo[fast]'")
-
-
 def _blocks() -> int:
     # Two row blocks per thread balance the tail of the last block (measured: 2 threads,
     # N=1024: 4 blocks 10.7 ms, 2 blocks 12.1 ms, 8 blocks 12.6 ms).
-    return 2 * max(1, numba.get_num_threads())
+    return 2 * max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
 def _plain(t: torch.Tensor, name: str) -> np.ndarray:
@@ -197,7 +220,7 @@ def sweeps(
     Returns:
         u: (C, N) from the last iteration; v: (C, N) after it. float32, new tensors.
     """
-    _require()
+    require()
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     k = _plain(kernel, "kernel")
@@ -210,21 +233,19 @@ def sweeps(
             f"expected kernel (N, N) and source, target, v (C, N); got {tuple(k.shape)}, "
             f"{a.shape}, {b.shape}, {vv.shape}")
     uu = np.zeros_like(a)
-    with _LOCK:
-        _sweeps(k, a, b, uu, vv, int(iters), np.float32(power), _blocks())
+    _launch(_sweeps, k, a, b, uu, vv, int(iters), np.float32(power), _blocks())
     return torch.from_numpy(uu), torch.from_numpy(vv)
 
 
 def left_products(kernel: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """K v for every class: (N, N) kernel and (C, N) v -> (C, N), float32, CPU."""
-    _require()
+    require()
     k = _plain(kernel, "kernel")
     vv = _plain(v, "v")
     if k.shape != (vv.shape[1], vv.shape[1]):
         raise ValueError(f"expected kernel (N, N) and v (C, N); got {tuple(k.shape)}, {vv.shape}")
     out = np.empty_like(vv)
-    with _LOCK:
-        _left(k, vv, out)
+    _launch(_left, k, vv, out)
     return torch.from_numpy(out)
 
 
@@ -234,12 +255,11 @@ def right_products(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     One pass over K with per-thread accumulators; MKL's (C x N) @ (N x N) with small C ran
     at a fraction of the bandwidth here (results/performance.md).
     """
-    _require()
+    require()
     k = _plain(kernel, "kernel")
     xx = _plain(x, "x")
     if xx.ndim != 2 or k.shape != (xx.shape[1], xx.shape[1]):
         raise ValueError(f"expected x (C, N) and kernel (N, N); got {xx.shape}, {tuple(k.shape)}")
     out = np.empty_like(xx)
-    with _LOCK:
-        _right(k, xx, out, _blocks())
+    _launch(_right, k, xx, out, _blocks())
     return torch.from_numpy(out)

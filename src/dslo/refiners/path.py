@@ -171,8 +171,7 @@ def _use_fused(kernel, source: torch.Tensor, backend: str) -> bool:
             raise ValueError("backend='numba' needs a dense kernel and marginals on the CPU")
         if low_precision:
             raise ValueError(f"backend='numba' runs float32 kernels; got {kernel.dtype} (use backend='torch')")
-        if not fused.available():
-            raise ImportError("backend='numba' needs numba: pip install 'dslo[fast]'")
+        fused.require()
         return True
     tracked = torch.is_grad_enabled() and (kernel.requires_grad or source.requires_grad) if dense_cpu else True
     return dense_cpu and not low_precision and not tracked and fused.available()
