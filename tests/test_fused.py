@@ -199,3 +199,11 @@ def test_threads_follow_torch(monkeypatch):
         torch.set_num_threads(before)
     sinkhorn_scalings(kernel, src, tgt, iters=3, backend="numba")
     assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
+
+
+def test_one_kernel_shared_by_a_batch():
+    kernel, src, tgt = _problem(1, 3, 20, seed=9)
+    src2 = torch.cat([src, src.flip(-1)])
+    u_t, v_t, _ = sinkhorn_scalings(kernel, src2, tgt, iters=15, backend="torch")
+    u_f, v_f, _ = sinkhorn_scalings(kernel, src2, tgt, iters=15, backend="numba")
+    torch.testing.assert_close(_plans(u_f, v_f, kernel), _plans(u_t, v_t, kernel), rtol=1e-4, atol=1e-9)

@@ -2,8 +2,9 @@
 degenerate (uniform) one, with the self-attention as cost (paper eq. 1-3, supplement 13-22).
 
 ``sinkhorn_plan`` is the reference (log domain, materialises the plan, for tests and small N).
-The refiner uses ``sinkhorn_scalings``: one Gibbs kernel shared by every class of an image, one
-batched matmul per half-iteration, never a C x N x N tensor.
+The refiner uses ``sinkhorn_scalings``: one Gibbs kernel shared by every class of an image, never
+a C x N x N tensor; one batched matmul per half-iteration (torch backend, any device) or one
+fused pass over the kernel per iteration (numba backend, ``dslo.refiners.fused``, CPU).
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def _fused_scalings(kernel, a, b, *, iters, power, tol, check_every):
     bsz, c, n = a.shape
     us, vs, done = [], [], 0
     for i in range(bsz):
-        k, src, tgt = kernel[i], a[i], b[i].expand(c, n)
+        # a (1, N, N) kernel is shared by every image, as broadcasting does in the torch loop
+        k, src, tgt = kernel[min(i, kernel.shape[0] - 1)], a[i], b[i].expand(c, n)
         v = torch.ones(c, n)
         u = torch.zeros(c, n)
         ran = 0
