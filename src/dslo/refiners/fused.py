@@ -7,8 +7,12 @@ iteration while they sit in L1: it finishes u for those rows (their K v) and imm
 their share of K^T u into a per-thread accumulator. Same iterates as the two-product loop in
 ``dslo.refiners.path.sinkhorn_scalings`` (float32, summation order differs), one pass over K.
 
+The same sweep with unit marginals is IPF (``velocity.ipf_scalings``), and ``right_products``
+(x K in one pass) runs the velocity solver's Markov chain.
+
 numba is optional (the ``fast`` extra). ``available()`` says whether this path can run;
-``sinkhorn_scalings(backend="auto")`` uses it for dense CPU kernels when it can.
+``sinkhorn_scalings(backend="auto")``, ``ipf_scalings`` and ``markov_chain`` use it for dense
+float32 CPU tensors outside autograd when it can, and torch otherwise.
 """
 
 from __future__ import annotations
