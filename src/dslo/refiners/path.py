@@ -174,8 +174,10 @@ def _use_fused(kernel, source: torch.Tensor, backend: str) -> bool:
             raise ValueError(f"backend='numba' runs float32 kernels; got {kernel.dtype} (use backend='torch')")
         fused.require()
         return True
-    tracked = torch.is_grad_enabled() and (kernel.requires_grad or source.requires_grad) if dense_cpu else True
-    return dense_cpu and not low_precision and not tracked and fused.available()
+    if not dense_cpu or low_precision or not fused.available():
+        return False
+    # numba breaks the autograd graph: keep torch when someone differentiates through the plan
+    return not (torch.is_grad_enabled() and (kernel.requires_grad or source.requires_grad))
 
 
 def _fused_scalings(kernel, a, b, *, iters, power, tol, check_every):
