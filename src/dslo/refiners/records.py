@@ -91,11 +91,15 @@ class Attention:
             patches in row-major order (index = row * w + col).
         grid: (h, w) of the patch grid the rows and columns live on.
         source: free-form description of the provider (for records and figures).
+        features: optional (B, N, D) float patch features on the same grid and in the same
+            row-major order as the matrix, for graph-based rivals that build their own
+            affinities (LPOSS's kNN graph); None when the provider has none.
     """
 
     matrix: torch.Tensor
     grid: tuple[int, int]
     source: str = ""
+    features: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         m = check_tensor(self.matrix, "Attention.matrix", 3, dims="(B, N, N)")
@@ -109,6 +113,7 @@ class Attention:
                 f"Attention.matrix: expected (B, N, N) with N = h*w = {grid[0]}*{grid[1]} = {n}, "
                 f"got shape {tuple(m.shape)}"
             )
+        _check_features(self.features, m.shape[0], n, grid)
         if m.numel() == 0:
             return
         low = float(m.min())
@@ -127,10 +132,17 @@ class Attention:
         return int(self.matrix.shape[0])
 
     @classmethod
-    def from_scores(cls, weights: torch.Tensor, grid: tuple[int, int], source: str = "") -> "Attention":
+    def from_scores(
+        cls,
+        weights: torch.Tensor,
+        grid: tuple[int, int],
+        source: str = "",
+        features: Optional[torch.Tensor] = None,
+    ) -> "Attention":
         """Build from non-negative weights (B, N, N) by renormalising rows.
 
-        Rows that sum to zero raise ``ValueError`` rather than silently becoming uniform.
+        ``features`` (B, N, D), if given, is checked and stored as is. Rows that sum to zero
+        raise ``ValueError`` rather than silently becoming uniform.
         """
         w = check_tensor(weights, "attention weights", 3, dims="(B, N, N)").float()
         if w.numel() and float(w.min()) < 0:
@@ -140,20 +152,42 @@ class Attention:
             raise ValueError(
                 f"attention weights: {int((s <= 0).sum())} rows sum to 0; cannot make them stochastic"
             )
-        return cls._trusted(w / s, grid, source)
+        _check_features(features, w.shape[0], int(grid[0]) * int(grid[1]), tuple(grid))
+        return cls._trusted(w / s, grid, source, features)
 
     @classmethod
-    def _trusted(cls, matrix: torch.Tensor, grid: tuple[int, int], source: str = "") -> "Attention":
+    def _trusted(
+        cls,
+        matrix: torch.Tensor,
+        grid: tuple[int, int],
+        source: str = "",
+        features: Optional[torch.Tensor] = None,
+    ) -> "Attention":
         """Build without re-checking a matrix this package has just normalised (each check is a
-        pass over N^2 entries, comparable to a solver iteration)."""
+        pass over N^2 entries, comparable to a solver iteration). Shapes are still checked;
+        features, at N x D, are cheap enough to check in full."""
         n = int(grid[0]) * int(grid[1])
         if matrix.ndim != 3 or matrix.shape[1:] != (n, n):
             raise ValueError(f"Attention: expected (B, {n}, {n}) for grid {tuple(grid)}, got {tuple(matrix.shape)}")
+        _check_features(features, matrix.shape[0], n, (int(grid[0]), int(grid[1])))
         obj = cls.__new__(cls)
         object.__setattr__(obj, "matrix", matrix)
         object.__setattr__(obj, "grid", (int(grid[0]), int(grid[1])))
         object.__setattr__(obj, "source", source)
+        object.__setattr__(obj, "features", features)
         return obj
+
+
+def _check_features(features: Optional[torch.Tensor], batch: int, n: int, grid: tuple) -> None:
+    """Patch features must sit on the matrix's grid: (B, N, D) with the matrix's B and N."""
+    if features is None:
+        return
+    f = check_tensor(features, "Attention.features", 3, dims="(B, N, D)")
+    if f.shape[0] != batch or f.shape[1] != n or f.shape[2] < 1:
+        raise ValueError(
+            f"Attention.features: expected (B, N, D) = ({batch}, {n}, D >= 1) to match the matrix "
+            f"on grid {tuple(grid)}, got shape {tuple(f.shape)}"
+        )
 
 
 @dataclass(frozen=True)
