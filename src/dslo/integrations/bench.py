@@ -168,6 +168,8 @@ def parse_method(spec: str) -> tuple[str, DiscrepancyRefiner]:
         kind = type(getattr(defaults, key))
         if kind is bool:
             options[key] = value.lower() in ("1", "true", "yes")
+        elif kind is tuple:  # "pamr_dilations=8/16"
+            options[key] = tuple(int(v) for v in value.split("/") if v)
         elif kind in (int, float):
             options[key] = kind(value)
         else:

