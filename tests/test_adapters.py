@@ -282,7 +282,7 @@ def test_build_adapter_dispatch(clip_model):
 
     adapter = build_adapter("CLIP", model=clip_model, size=None)
     assert isinstance(adapter, CLIPAdapter) and isinstance(adapter, OVSSAdapter)
-    with pytest.raises(ValueError, match=r"known: \['cass', 'clip', 'proxyclip', 'sc-clip'\]"):
+    with pytest.raises(ValueError, match=r"known: \['cass', 'clip', 'prototype', 'proxyclip', 'sc-clip'\]"):
         build_adapter("lseg")
     with pytest.raises(ValueError, match="cannot build open_clip model"):
         build_adapter("clip", model="no-such-model", pretrained=None)
