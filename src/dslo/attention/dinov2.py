@@ -294,7 +294,8 @@ class DINOv2Attention(nn.Module):
         )
 
     def forward(self, image: torch.Tensor) -> Attention:
-        """image (B, 3, H, W) in [0, 1] -> Attention, matrix (B, N, N) float32, grid (h, w)."""
+        """image (B, 3, H, W) in [0, 1] -> Attention, matrix (B, N, N) float32, grid (h, w),
+        features (B, N, D) float32 or None."""
         image = check_image(image)
         pixel_values, grid = dinov2_pixel_values(image, size=self.size, patch_size=self.patch_size)
         captured: list[torch.Tensor] = []
