@@ -35,7 +35,7 @@ def test_lposs_through_refiner_equals_functional():
     logits, att, image = problem(1)
     cfg = dict(lposs_k=10)
     out = dslo.DiscrepancyRefiner(solver="lposs", **cfg)(logits, att, image)
-    z = lposs(logits, att.features, k=10)
+    z = lposs(logits, att.features, k=10, patch_size=448 / 6)
     up = F.interpolate(z, size=image.shape[-2:], mode="bilinear", align_corners=False)
     assert torch.allclose(out.scores, up, atol=1e-6)
     plus = dslo.DiscrepancyRefiner(solver="lposs+", **cfg)(logits, att, image)

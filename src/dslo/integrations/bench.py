@@ -168,6 +168,8 @@ def parse_method(spec: str) -> tuple[str, DiscrepancyRefiner]:
         kind = type(getattr(defaults, key))
         if kind is bool:
             options[key] = value.lower() in ("1", "true", "yes")
+        elif kind is type(None):  # Optional numbers ("kernel_topk=64", "lposs_patch_size=14")
+            options[key] = None if value.lower() == "none" else (int(value) if value.lstrip("-").isdigit() else float(value))
         elif kind is tuple:  # "pamr_dilations=8/16"
             options[key] = tuple(int(v) for v in value.split("/") if v)
         elif kind in (int, float):

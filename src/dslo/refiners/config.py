@@ -75,7 +75,8 @@ class RefinerConfig:
         lposs_k, lposs_gamma, lposs_sigma, lposs_alpha, lposs_iters: LPOSS's kNN graph
             (k neighbours, cosine^gamma, exp(-sigma * pixel distance)) and propagation
             (I - alpha S) Z = Y by ``lposs_iters`` CG steps (400, 3, 0.01, 0.95, 10);
-            lposs_patch_size: input pixels per grid step for the distance (LPOSS's ViT-B/16: 16).
+            lposs_patch_size: input pixels per grid step for the distance; None (default):
+            448 / min(h, w), LPOSS's unit (pixels of an input whose short side is 448).
         lposs_window, lposs_tau: LPOSS+'s pixel window and Lab-colour temperature (13, 0.01).
 
     Output:
@@ -127,7 +128,7 @@ class RefinerConfig:
     lposs_sigma: float = 0.01
     lposs_alpha: float = 0.95
     lposs_iters: int = 10
-    lposs_patch_size: float = 16.0
+    lposs_patch_size: Optional[float] = None
     lposs_window: int = 13
     lposs_tau: float = 0.01
 
@@ -153,6 +154,8 @@ class RefinerConfig:
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"RefinerConfig.{name}: expected an integer >= 0, got {getattr(self, name)!r}")
         for name in ("lposs_k", "lposs_gamma", "lposs_sigma", "lposs_tau", "lposs_patch_size"):
+            if getattr(self, name) is None:
+                continue
             value = float(getattr(self, name))
             if value < 0 if name in ("lposs_sigma", "lposs_gamma") else not value > 0:
                 raise ValueError(f"RefinerConfig.{name}: expected {'>=' if name in ('lposs_sigma', 'lposs_gamma') else '>'} 0, "

@@ -70,9 +70,12 @@ def rival_scores(logits: torch.Tensor, attention, image: torch.Tensor, config: R
                 "them (dinov2: the last block's value projections) or pass "
                 "Attention(matrix, grid, features=...)"
             )
+        h, w = x.shape[-2:]
+        # LPOSS measures patch distances in pixels of its input, short side 448
+        patch = config.lposs_patch_size if config.lposs_patch_size is not None else 448.0 / min(h, w)
         z = lposs(x, features.to(x.device), k=config.lposs_k, gamma=config.lposs_gamma,
                   sigma=config.lposs_sigma, alpha=config.lposs_alpha, iters=config.lposs_iters,
-                  patch_size=config.lposs_patch_size)
+                  patch_size=patch)
         up = F.interpolate(z.float(), size=size, mode="bilinear", align_corners=False)
         if solver == "lposs":
             return up
