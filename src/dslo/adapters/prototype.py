@@ -151,6 +151,7 @@ class Prototypes:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         os.close(fd)
         try:
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
             torch.save(payload, tmp)
             os.replace(tmp, path)
         finally:

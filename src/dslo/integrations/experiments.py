@@ -257,7 +257,7 @@ def _dummy_attention(logits: torch.Tensor) -> Attention:
 
 
 def build_pipeline(adapter: Union[str, object], attention: Union[str, Callable, None], *, solver: str = "velocity",
-                   classes: Union[str, Sequence] = "voc21", adapter_options: Optional[Mapping] = None,
+                   classes: Union[str, Sequence, None] = "voc21", adapter_options: Optional[Mapping] = None,
                    attention_weights: Optional[str] = None, attention_options: Optional[Mapping] = None,
                    refiner_options: Optional[Mapping] = None, weights_dir: Union[str, Path, None] = None,
                    cache: Union[str, Path, None, bool] = None, device: Union[str, torch.device, None] = None) -> Pipeline:
@@ -266,15 +266,22 @@ def build_pipeline(adapter: Union[str, object], attention: Union[str, Callable, 
     Args:
         adapter: an adapter name (see ``build_adapter_by_name``; ``adapter_options`` holds
             ``model``, ``pretrained``, ``size`` and the adapter's own options) or an adapter.
+            "prototype" needs no CLIP: ``adapter_options`` go to ``PrototypeAdapter``
+            (``examples=DIR, layer=8, ...`` or ``prototypes=FILE``; ``model`` = DINOv2 weights).
         attention: a provider name, "own" (the adapter's own attention), or a callable.
         solver: a ``parse_solver`` spec.
-        classes: a benchmark name, a class-file path, or a list of names (synonym lists allowed).
+        classes: a benchmark name, a class-file path, or a list of names (synonym lists allowed);
+            None: the adapter's own classes (the prototype adapter's ``classes.txt``).
         refiner_options: extra ``RefinerConfig`` fields.
     """
     label, refiner = parse_solver(solver)
     if refiner_options:
         refiner = DiscrepancyRefiner(refiner.config.replace(**dict(refiner_options)))
-    if isinstance(adapter, str):
+    if isinstance(adapter, str) and adapter.strip().lower() in ("prototype", "prototypes"):
+        from ..adapters import build_adapter
+
+        adapter = build_adapter("prototype", device=device, **dict(adapter_options or {}))
+    elif isinstance(adapter, str):
         adapter = build_adapter_by_name(adapter, weights_dir=weights_dir, device=device, **dict(adapter_options or {}))
     if isinstance(attention, str):
         provider = None if attention == "own" else build_provider(
