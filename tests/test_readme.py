@@ -19,3 +19,5 @@ def test_readme_quickstart_runs():
     assert out.labels.shape == (1, 448, 448) and out.labels.dtype == torch.int64
     assert out.scores.shape == (1, 5, 448, 448)
     assert not bool(torch.isnan(out.scores).any())
+    rival = scope["rival"]  # LPOSS+ through the same call, on the provider's features
+    assert rival.labels.shape == (1, 448, 448) and bool(rival.active.all())

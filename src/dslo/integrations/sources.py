@@ -101,7 +101,7 @@ def build_source(
     examples=None,
     examples_match=None,
     examples_stride: int = 1,
-    layer: int = 4,
+    layer: int = 8,
     size: int = 518,
     progress=None,
     model=None,
