@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .records import check_image, check_tensor
+from .records import check_maps_and_image
 
 __all__ = ["dense_crf"]
 
@@ -80,15 +80,7 @@ def dense_crf(
             outside [0, 1], batch mismatch, negative ``iters`` or non-positive widths.
         ImportError: when pydensecrf2 is not installed (``pip install 'dslo[crf]'``).
     """
-    check_tensor(probs, "probs", 4, dims="(B, C, H, W)")
-    check_image(image)
-    if probs.shape[0] != image.shape[0]:
-        raise ValueError(
-            f"probs and image: expected the same batch size B, got probs {tuple(probs.shape)}"
-            f" and image {tuple(image.shape)}"
-        )
-    if probs.shape[1] == 0 or min(probs.shape[-2:]) == 0:
-        raise ValueError(f"probs: expected (B, C, H, W) with C, H, W >= 1, got {tuple(probs.shape)}")
+    check_maps_and_image(probs, image, "probs")
     if probs.numel() and float(probs.min()) < 0:
         raise ValueError(f"probs: expected non-negative probabilities, min is {float(probs.min()):.3g}")
     if isinstance(iters, bool) or int(iters) != iters or iters < 0:

@@ -37,7 +37,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .records import check_image, check_tensor
+from .records import check_image, check_maps_and_image
 
 __all__ = ["pamr", "pamr_affinity"]
 
@@ -139,15 +139,7 @@ def pamr(
         ValueError: on wrong shapes, dtypes, non-finite values, an image outside [0, 1],
             batch mismatch, negative ``iters`` or bad dilations.
     """
-    check_tensor(scores, "scores", 4, dims="(B, C, H, W)")
-    check_image(image)
-    if scores.shape[0] != image.shape[0]:
-        raise ValueError(
-            f"scores and image: expected the same batch size B, got scores {tuple(scores.shape)}"
-            f" and image {tuple(image.shape)}"
-        )
-    if scores.shape[1] == 0 or min(scores.shape[-2:]) == 0:
-        raise ValueError(f"scores: expected (B, C, H, W) with C, H, W >= 1, got {tuple(scores.shape)}")
+    check_maps_and_image(scores, image, "scores")
     if isinstance(iters, bool) or int(iters) != iters or iters < 0:
         raise ValueError(f"iters: expected a non-negative int, got {iters!r}")
     dil = _check_dilations(dilations)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Attention", "PatchLogits", "RefinerOutput", "check_image", "check_tensor"]
+__all__ = ["Attention", "PatchLogits", "RefinerOutput", "check_image", "check_tensor", "check_maps_and_image"]
 
 #: Tolerance on attention row sums. Providers renormalise in float32, so rows sum to 1 within
 #: a few ulps times N; fp16 inputs are converted before the check.
@@ -80,6 +80,28 @@ def check_image(image: object, name: str = "image") -> torch.Tensor:
             " (divide 0..255 images by 255)"
         )
     return x
+
+
+def check_maps_and_image(maps: object, image: object, name: str = "scores") -> torch.Tensor:
+    """Check per-class maps (B, C, H, W) with C, H, W >= 1 and their guide image (B, 3, H', W')
+    in [0, 1] of the same batch size (the pixel-level rivals take both).
+
+    Returns:
+        ``maps`` unchanged.
+
+    Raises:
+        ValueError: naming what was expected and what came.
+    """
+    check_tensor(maps, name, 4, dims="(B, C, H, W)")
+    check_image(image)
+    if maps.shape[0] != image.shape[0]:
+        raise ValueError(
+            f"{name} and image: expected the same batch size B, got {name} {tuple(maps.shape)}"
+            f" and image {tuple(image.shape)}"
+        )
+    if maps.shape[1] == 0 or min(maps.shape[-2:]) == 0:
+        raise ValueError(f"{name}: expected (B, C, H, W) with C, H, W >= 1, got {tuple(maps.shape)}")
+    return maps
 
 
 @dataclass(frozen=True)
