@@ -180,3 +180,42 @@ def test_region_model_calibration_on_voc14(data_dir):
             meter.update(vocab[up[0].argmax(0)], s.mask)
         scores[rate] = meter.miou()
     assert abs(scores[0.1] - 39.8) < 0.5 and scores[0.0] > scores[0.1] + 8
+
+
+def test_quality_command_prototype_source_wiring(tmp_path, monkeypatch):
+    """--logits prototype: examples picked by --examples-match/--examples-stride, progress called
+    as build_prototypes calls it, only sets holding the prototype classes scored."""
+    from typer.testing import CliRunner
+
+    import dslo.adapters.prototype as proto
+    from dslo.integrations.cli import app
+
+    write_set(tmp_path / "street", [f"A_{k:02d}" for k in range(4)] + [f"B_{k:02d}" for k in range(2)])
+    other = tmp_path / "other"
+    write_set(other, ["X_00"])
+    (other / "classes.txt").write_text("cat\ndog\n")
+    seen = {}
+
+    def fake_build(root, *, layer, size, ids, progress, model):
+        seen["ids"], seen["layer"] = list(ids), layer
+        seen["looped"] = list(progress(iter(ids), "prototypes", len(ids)))
+        return "protos"
+
+    monkeypatch.setattr(proto, "build_prototypes", fake_build)
+    monkeypatch.setattr(proto, "PrototypeAdapter", lambda protos, model=None, size=518: FakeAdapter())
+    out = tmp_path / "r.md"
+    res = CliRunner().invoke(app, ["bench", "quality", "--data", str(tmp_path / "street"), "--data", str(other),
+                                   "--attention", "affinity", "--no-cache", "--logits", "prototype",
+                                   "--examples", str(tmp_path / "street"), "--examples-match", "A",
+                                   "--examples-stride", "2", "--match", "street=B", "--methods", "raw+bilinear",
+                                   "--out", str(out), "--logits-grid", "3"])
+    assert res.exit_code == 0, res.output
+    assert seen == {"ids": ["A_00", "A_02"], "layer": 8, "looped": ["A_00", "A_02"]}
+    text = out.read_text()
+    assert "| street mIoU | street acc |" in text and "other" not in text.split("Logits:")[0]
+    assert "prototype (layer 8, 2 examples of street)" in text
+    # scoring the examples themselves is refused
+    res = CliRunner().invoke(app, ["bench", "quality", "--data", str(tmp_path / "street"), "--attention", "affinity",
+                                   "--no-cache", "--logits", "prototype", "--examples", str(tmp_path / "street"),
+                                   "--examples-match", "A", "--methods", "raw+bilinear", "--logits-grid", "3"])
+    assert res.exit_code == 2 and "used to build the prototypes" in res.output

@@ -172,7 +172,7 @@ def bench_quality(
                              stride=int(_for_set(stride, d.name, "--stride", listed=False) or 1)) for d in data]
         sources = [build_source(k, examples=examples, layer=layer, examples_stride=examples_stride,
                                 examples_match=[m.strip() for m in examples_match.split(",")] if examples_match else None,
-                                progress=lambda xs: track(xs, description="prototypes"))
+                                progress=_rich_progress())
                    for k in kinds]
         if attention == "affinity":
             weights = None
