@@ -60,3 +60,15 @@ def test_rival_options_validated_and_parsed():
         dslo.RefinerConfig(lposs_alpha=1.0)
     with pytest.raises(ValueError, match="lposs_window"):
         dslo.RefinerConfig(lposs_window=12)
+
+
+def test_rival_stages_for_figures(tmp_path):
+    from dslo.integrations.figures import stage_figure
+
+    logits, att, image = problem(2)
+    out = dslo.DiscrepancyRefiner(solver="pamr", return_stages=True)(logits, att, image)
+    assert out.stages["probabilities"].shape == logits.shape
+    assert torch.allclose(out.stages["probabilities"].sum(1), torch.ones(1, *logits.shape[-2:]))
+    assert torch.equal(out.stages["map"], out.scores)
+    path = stage_figure(image[0], {"pamr": out}, ["a", "b", "c"], tmp_path / "f.png")
+    assert path.stat().st_size > 0

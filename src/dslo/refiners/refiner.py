@@ -241,4 +241,9 @@ class DiscrepancyRefiner(nn.Module):
         if not bool(torch.isfinite(best).all()):
             raise ValueError(f"DiscrepancyRefiner({self.config.solver!r}): non-finite scores at some pixel")
         active = torch.ones(b, c, dtype=torch.bool, device=logits.device)
-        return RefinerOutput(labels=labels, scores=scores, active=active, stages={})
+        stages = {}
+        if self.config.return_stages:
+            # the rival's own output stands in for the discrepancy map (at image resolution)
+            stages = {"probabilities": torch.softmax(logits.float() * self.config.logit_scale, dim=1),
+                      "map": scores}
+        return RefinerOutput(labels=labels, scores=scores, active=active, stages=stages)
