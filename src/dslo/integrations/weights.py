@@ -12,6 +12,7 @@ and path helpers of ``dslo._hub``.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -19,7 +20,7 @@ import torch
 
 from .._hub import hub_offline
 
-__all__ = ["hub_offline", "load_clip_model", "resolve_repo_dir"]
+__all__ = ["ClipWeights", "hub_offline", "load_clip_model", "locate_clip_weights", "resolve_repo_dir"]
 
 
 
@@ -49,6 +50,99 @@ def _hub_cached(repo: str, filename: str, cache_dir: Optional[Path]) -> Optional
     return None
 
 
+@dataclass(frozen=True)
+class ClipWeights:
+    """Where an open_clip model's weights are, found without loading them.
+
+    Attributes:
+        model: the open_clip model name (a model-config JSON is registered under its stem).
+        config: that JSON file, when the model was given as one.
+        tag: the open_clip tag or checkpoint path; None for random weights.
+        file: the local checkpoint to load; None for random weights or when only a download
+            can fetch it (online).
+        quick_gelu: the tag's QuickGELU setting (lost when a file is passed as ``pretrained``).
+        repo, filename: the Hugging Face source of the tag ("" when it has none).
+    """
+
+    model: str
+    config: Optional[Path]
+    tag: Optional[str]
+    file: Optional[Path]
+    quick_gelu: bool = False
+    repo: str = ""
+    filename: str = ""
+
+
+def locate_clip_weights(model: str = "ViT-B-16", pretrained: Optional[str] = "openai", *,
+                        weights_dir: Union[str, Path, None] = None) -> ClipWeights:
+    """Find the checkpoint ``load_clip_model`` would load, without loading it.
+
+    Args: see ``load_clip_model``.
+
+    Raises:
+        ValueError: one line: unknown model or tag, a checkpoint file that does not exist, or
+            weights absent from ``weights_dir`` and the Hugging Face cache while offline.
+    """
+    try:
+        import open_clip
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ValueError("CLIP adapters need open_clip: pip install 'dslo[clip]'") from exc
+    config = None
+    if isinstance(model, (str, Path)) and str(model).endswith(".json"):
+        config = Path(model).expanduser()
+        if not config.is_file():
+            raise ValueError(f"open_clip model config {str(model)!r} does not exist")
+        open_clip.add_model_config(config)
+        model = config.stem
+    if not isinstance(model, str) or model not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model!r}; see open_clip.list_models() (e.g. 'ViT-B-16') "
+                         "or give the path of a model-config JSON")
+    wdir = Path(weights_dir).expanduser() if weights_dir is not None else None
+    if wdir is not None and not wdir.is_dir():
+        raise ValueError(f"--weights-dir {str(weights_dir)!r} is not a directory")
+    tag = None if pretrained is None or str(pretrained).strip().lower() in ("", "none", "random") else str(pretrained)
+    if tag is None:
+        return ClipWeights(model, config, None, None)
+    as_file = Path(tag).expanduser()
+    if as_file.is_file():
+        return ClipWeights(model, config, tag, as_file)
+    if as_file.suffix in _CHECKPOINT_SUFFIXES or "/" in tag:
+        raise ValueError(f"missing weights: checkpoint file {tag!r} does not exist")
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if not cfg:
+        known = open_clip.list_pretrained_tags_by_model(model)
+        raise ValueError(f"unknown weights: open_clip has no pretrained tag {tag!r} for {model!r}; known: {known}")
+    # a file passed as pretrained loses the tag's settings (OpenAI's QuickGELU): restore them
+    quick = bool(cfg.get("quick_gelu", False))
+    # "org/name/" (default file name) or "org/name/file.bin"
+    repo, filename = os.path.split(str(cfg.get("hf_hub", "")))
+    filename = filename or "open_clip_pytorch_model.bin"
+    if wdir is not None:
+        for cand in _local_candidates(wdir, model, tag, repo or None):
+            if cand.is_file():
+                return ClipWeights(model, config, tag, cand, quick, repo, filename)
+    cached = _hub_cached(repo, filename, wdir) if repo else None
+    if cached is None and repo and wdir is not None:
+        cached = _hub_cached(repo, filename, None)
+    if cached is not None:
+        return ClipWeights(model, config, tag, Path(cached), quick, repo, filename)
+    if hub_offline():
+        raise ValueError(f"missing weights: open_clip {model} '{tag}' from {_where(repo, filename, cfg)} is not in "
+                         f"the Hugging Face cache{' or ' + str(wdir) if wdir else ''} and HF_HUB_OFFLINE is set; "
+                         f"{_how(model, tag, repo, filename)}")
+    return ClipWeights(model, config, tag, None, quick, repo, filename)
+
+
+def _where(repo: str, filename: str, cfg: dict) -> str:
+    return f"Hugging Face {repo} ({filename})" if repo else str(cfg.get("url", "its URL"))
+
+
+def _how(model: str, tag: str, repo: str, filename: str) -> str:
+    return (f"get it on a machine with internet (`huggingface-cli download {repo} {filename}`) and copy the "
+            "Hugging Face cache (~/.cache/huggingface/hub), or put the file in --weights-dir as "
+            f"{model}-{tag}{Path(filename).suffix}, or pass a checkpoint file as --pretrained")
+
+
 def load_clip_model(model: str = "ViT-B-16", pretrained: Optional[str] = "openai", *,
                     weights_dir: Union[str, Path, None] = None, device: Union[str, torch.device, None] = None,
                     image_size: Optional[int] = None) -> torch.nn.Module:
@@ -73,69 +167,32 @@ def load_clip_model(model: str = "ViT-B-16", pretrained: Optional[str] = "openai
         ValueError: one line: unknown model or tag, or weights absent from the cache and
             ``weights_dir`` while offline (or the download failing), saying how to get them.
     """
-    try:
-        import open_clip
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ValueError("CLIP adapters need open_clip: pip install 'dslo[clip]'") from exc
-    if isinstance(model, (str, Path)) and str(model).endswith(".json"):
-        cfg_path = Path(model).expanduser()
-        if not cfg_path.is_file():
-            raise ValueError(f"open_clip model config {str(model)!r} does not exist")
-        open_clip.add_model_config(cfg_path)
-        model = cfg_path.stem
-    if not isinstance(model, str) or model not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {model!r}; see open_clip.list_models() (e.g. 'ViT-B-16') "
-                         "or give the path of a model-config JSON")
+    import open_clip
+
+    found = locate_clip_weights(model, pretrained, weights_dir=weights_dir)
     extra = {"device": device} if device is not None else {}
     if image_size is not None:
         extra["force_image_size"] = int(image_size)
     wdir = Path(weights_dir).expanduser() if weights_dir is not None else None
-    if wdir is not None and not wdir.is_dir():
-        raise ValueError(f"--weights-dir {str(weights_dir)!r} is not a directory")
-    tag = None if pretrained is None or str(pretrained).strip().lower() in ("", "none", "random") else str(pretrained)
     try:
-        if tag is None:
-            return open_clip.create_model(model, **extra).eval()
-        as_file = Path(tag).expanduser()
-        if as_file.is_file():
-            return open_clip.create_model(model, pretrained=str(as_file), **extra).eval()
-        if as_file.suffix in _CHECKPOINT_SUFFIXES or "/" in tag:
-            raise ValueError(f"missing weights: checkpoint file {tag!r} does not exist")
-        cfg = open_clip.get_pretrained_cfg(model, tag)
-        if not cfg:
-            known = open_clip.list_pretrained_tags_by_model(model)
-            raise ValueError(f"unknown weights: open_clip has no pretrained tag {tag!r} for {model!r}; known: {known}")
-        # a file passed as pretrained loses the tag's settings (OpenAI's QuickGELU): restore them
-        quick = bool(cfg.get("quick_gelu", False))
-        # "org/name/" (default file name) or "org/name/file.bin"
-        repo, filename = os.path.split(str(cfg.get("hf_hub", "")))
-        filename = filename or "open_clip_pytorch_model.bin"
-        if wdir is not None:
-            for cand in _local_candidates(wdir, model, tag, repo or None):
-                if cand.is_file():
-                    return open_clip.create_model(model, pretrained=str(cand), force_quick_gelu=quick, **extra).eval()
-        cached = _hub_cached(repo, filename, wdir) if repo else None
-        if cached is None and repo and wdir is not None:
-            cached = _hub_cached(repo, filename, None)
-        if cached is not None:
-            return open_clip.create_model(model, pretrained=cached, force_quick_gelu=quick, **extra).eval()
-        where = f"Hugging Face {repo} ({filename})" if repo else str(cfg.get("url", "its URL"))
-        how = (f"get it on a machine with internet (`huggingface-cli download {repo} {filename}`) and copy the "
-               "Hugging Face cache (~/.cache/huggingface/hub), or put the file in --weights-dir as "
-               f"{model}-{tag}{Path(filename).suffix}, or pass a checkpoint file as --pretrained")
-        if hub_offline():
-            raise ValueError(f"missing weights: open_clip {model} '{tag}' from {where} is not in the Hugging Face "
-                             f"cache{' or ' + str(wdir) if wdir else ''} and HF_HUB_OFFLINE is set; {how}")
+        if found.tag is None:
+            return open_clip.create_model(found.model, **extra).eval()
+        if found.file is not None:
+            quick = {"force_quick_gelu": True} if found.quick_gelu else {}
+            return open_clip.create_model(found.model, pretrained=str(found.file), **quick, **extra).eval()
         try:
-            return open_clip.create_model(model, pretrained=tag, cache_dir=str(wdir) if wdir else None, **extra).eval()
+            return open_clip.create_model(found.model, pretrained=found.tag, cache_dir=str(wdir) if wdir else None,
+                                          **extra).eval()
         except Exception as exc:  # noqa: BLE001 - download errors differ across hub versions
             reason = " ".join(str(exc).split())[:160]
-            raise ValueError(f"missing weights: open_clip {model} '{tag}' from {where} could not be loaded "
-                             f"({type(exc).__name__}: {reason}); {how}") from None
+            cfg = open_clip.get_pretrained_cfg(found.model, found.tag)
+            raise ValueError(f"missing weights: open_clip {found.model} '{found.tag}' from "
+                             f"{_where(found.repo, found.filename, cfg)} could not be loaded ({type(exc).__name__}: "
+                             f"{reason}); {_how(found.model, found.tag, found.repo, found.filename)}") from None
     except ValueError:
         raise
     except (RuntimeError, OSError, KeyError) as exc:
-        raise ValueError(f"cannot load open_clip {model} with pretrained={pretrained!r}: "
+        raise ValueError(f"cannot load open_clip {found.model} with pretrained={pretrained!r}: "
                          f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
 
 
