@@ -22,6 +22,7 @@ from ..refiners.records import Attention, PatchLogits
 from .base import OVSSAdapter, TextFeatures, check_image
 from .baseline import PEER_POSTPROCESS, baseline_labels
 from .hooks import HookAdapter, RefinedModel, wrap
+from .text_cache import TextFeatureCache, default_text_cache_dir
 from .vocab import BENCHMARKS, IMAGENET_TEMPLATES, load_class_names
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
     "CASSAdapter",
     "ProxyCLIPAdapter",
     "PrototypeAdapter",
+    "TextFeatureCache",
+    "default_text_cache_dir",
 ]
 
 #: adapter name -> (module under dslo.adapters, class)

@@ -19,7 +19,8 @@ open_clip is imported when a model is built, not when this module is imported.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional, Sequence, Union
+import os
+from typing import Callable, Iterable, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,8 @@ from torch import nn
 from ..refiners.records import PatchLogits
 from .base import (TextFeatures, check_image, cosine_logits, input_size, resize_image,
                    slide_windows, _pair)
+from .text_cache import (TextFeatureCache, entry_info, resolve_text_cache, text_weights_fingerprint,
+                         tokenizer_identity)
 from .vocab import IMAGENET_TEMPLATES, flatten_queries, normalise_class_names
 
 __all__ = [
@@ -43,6 +46,22 @@ LastBlock = Literal["maskclip", "vanilla", "value-only"]
 _LAST_BLOCKS = ("maskclip", "vanilla", "value-only")
 
 from .._hub import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402  (re-exported)
+
+TextCache = Union[bool, str, os.PathLike, TextFeatureCache, None]
+#: ``progress(iterable, description, total) -> iterable``, called positionally as in
+#: ``build_prototypes`` (``rich.progress.track`` and ``tqdm.tqdm`` fit)
+Progress = Callable[[Iterable, str, int], Iterable]
+
+
+class _AdapterDefault:
+    """``encode_text``'s ``cache`` when not given: the adapter's ``text_cache``. A sentinel
+    rather than None because an explicit None means "no disk cache"."""
+
+    def __repr__(self) -> str:
+        return "<adapter's text_cache>"
+
+
+_ADAPTER_DEFAULT = _AdapterDefault()
 
 _HOW_TO_GET = (
     "give an open_clip model name with a pretrained tag (e.g. model='ViT-B-16', "
@@ -212,6 +231,9 @@ class CLIPDenseBase(nn.Module):
     Subclasses implement ``_window_logits(image01, text, context) -> (B, Q, h, w)`` for one
     window of the resized image (values in [0, 1]); ``output_patch`` is the pixel size of one
     cell of the output grid (CLIP's patch here).
+
+    ``text_cache`` (None, False, True, a folder or a ``TextFeatureCache``) is the default
+    ``cache`` of ``encode_text``: None keeps text features off the disk.
     """
 
     method = "clip"
@@ -229,6 +251,7 @@ class CLIPDenseBase(nn.Module):
         std: Sequence[float] = OPENAI_CLIP_STD,
         device: Union[str, torch.device, None] = None,
         text_batch_size: int = 1024,
+        text_cache: TextCache = None,
     ) -> None:
         super().__init__()
         self.clip, self.model_name = load_open_clip(model, pretrained, device)
@@ -237,6 +260,8 @@ class CLIPDenseBase(nn.Module):
         self.templates = _check_templates(templates)
         self._tokenizer = tokenizer
         self.text_batch_size = int(text_batch_size)
+        # off by default: a library call should not write to the user's home unasked
+        self.text_cache: Optional[TextFeatureCache] = resolve_text_cache(text_cache)
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.slide = None
@@ -281,6 +306,9 @@ class CLIPDenseBase(nn.Module):
     # -- text -------------------------------------------------------------------------
 
     def tokenizer(self, texts: list[str]) -> torch.Tensor:
+        return self._resolve_tokenizer()(texts)
+
+    def _resolve_tokenizer(self) -> Callable[[list[str]], torch.Tensor]:
         if self._tokenizer is None:
             import open_clip
 
@@ -294,10 +322,11 @@ class CLIPDenseBase(nn.Module):
                         "(a callable list[str] -> LongTensor (n, context_length))"
                     )
                 self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=int(length))
-        return self._tokenizer(texts)
+        return self._tokenizer
 
     @torch.no_grad()
-    def encode_text(self, class_names, templates: Optional[Sequence[str]] = None) -> TextFeatures:
+    def encode_text(self, class_names, templates: Optional[Sequence[str]] = None, *,
+                    cache: TextCache = _ADAPTER_DEFAULT, progress: Optional[Progress] = None) -> TextFeatures:
         """Prompt-ensembled text features, one row per query (class name or synonym).
 
         Args:
@@ -305,23 +334,69 @@ class CLIPDenseBase(nn.Module):
                 class-file path (see ``dslo.adapters.load_class_names``).
             templates: prompt templates with ``"{}"`` for the name; default the adapter's
                 (the 80 ImageNet templates).
+            cache: on-disk text cache (``dslo.adapters.text_cache``): None or False: none;
+                True: ``$DSLO_CACHE/text`` (default ``~/.cache/dslo/text``); a folder path;
+                a ``TextFeatureCache``. Not given: the adapter's ``text_cache`` (off unless
+                the constructor turned it on). A hit encodes nothing.
+            progress: ``progress(iterable, description, total) -> iterable`` wrapping the
+                loop over prompt batches (``total`` = ceil(Q * T / text_batch_size)); called
+                only when the text tower runs.
 
         Returns:
-            ``TextFeatures``: for each query, the mean over templates of the L2-normalised
-            ``encode_text`` embeddings, L2-normalised again (as SCLIP, SC-CLIP, CASS, ProxyCLIP).
+            ``TextFeatures``: features (Q, D) float32 on the adapter's device, for each query
+            the mean over the T templates of the L2-normalised ``encode_text`` embeddings,
+            L2-normalised again (as SCLIP, SC-CLIP, CASS, ProxyCLIP); query_to_class (Q,).
+            A cache hit returns the stored bits of that same computation.
         """
         names = normalise_class_names(class_names)
         temps = self.templates if templates is None else _check_templates(templates)
+        store = self.text_cache if cache is _ADAPTER_DEFAULT else resolve_text_cache(cache)
         queries, owners = flatten_queries(names)
+        device = self.vit.device
+        if store is not None:
+            identity = self.text_identity()
+            key = store.key(class_names=names, templates=temps, **identity)
+            hit = store.get(key, device=device, class_names=names, templates=temps)
+            if hit is not None:
+                # float32 like a fresh computation, wherever and however the entry was written
+                return self._text_features(hit.features.to(device=device, dtype=torch.float32), owners, names, temps)
+        emb = self._encode_prompts(queries, temps, progress)
+        if store is not None:
+            info = entry_info(features=emb, num_classes=len(names), num_templates=len(temps),
+                              model_name=self.model_name, **identity)
+            store.put(key, emb, class_names=names, templates=temps, info=info)
+        return self._text_features(emb, owners, names, temps)
+
+    def _encode_prompts(self, queries: list[str], temps: tuple[str, ...],
+                        progress: Optional[Progress]) -> torch.Tensor:
+        """Q queries x T templates -> (Q, D) float32 on the adapter's device, rows L2-normalised."""
         prompts = [t.format(q) for q in queries for t in temps]
+        starts: Iterable[int] = range(0, len(prompts), self.text_batch_size)
+        if progress is not None:
+            total = len(starts)
+            starts = progress(starts, f"text features ({len(queries)} queries x {len(temps)} templates)", total)
         rows = []
-        for start in range(0, len(prompts), self.text_batch_size):
+        for start in starts:
             tokens = self.tokenizer(prompts[start:start + self.text_batch_size])
             emb = self.clip.encode_text(tokens.to(self.vit.device))
             rows.append(F.normalize(emb.float(), dim=-1))
         emb = torch.cat(rows).view(len(queries), len(temps), -1).mean(1)
-        return TextFeatures(F.normalize(emb, dim=-1), torch.tensor(owners, dtype=torch.long, device=emb.device),
-                            names, temps)
+        return F.normalize(emb, dim=-1)
+
+    @staticmethod
+    def _text_features(features: torch.Tensor, owners: list[int], names, temps) -> TextFeatures:
+        return TextFeatures(features, torch.tensor(owners, dtype=torch.long, device=features.device), names, temps)
+
+    def text_identity(self) -> dict[str, str]:
+        """What, besides the vocabulary and templates, decides the text features: the text
+        tower's weights fingerprint, the model class and the tokenizer identity (the text
+        cache key's model part; ``dslo.adapters.text_cache``)."""
+        cls = type(self.clip)
+        return {
+            "weights": text_weights_fingerprint(self.clip),
+            "model_class": f"{cls.__module__}.{cls.__qualname__}",
+            "tokenizer": tokenizer_identity(self._resolve_tokenizer(), getattr(self.clip, "context_length", None)),
+        }
 
     def _text(self, text) -> TextFeatures:
         return text if isinstance(text, TextFeatures) else self.encode_text(text)
