@@ -205,9 +205,9 @@ def test_eval_bad_arguments(tmp_path, tiny, ade_root):
                           "unknown dataset")
     assert_one_line_error(invoke(["eval", "--dataset", "voc21", "--data-root", ade_root, "--engine", "dslo", *base]),
                           "no data at")
-    if __import__("importlib").util.find_spec("mmseg") is not None:
-        assert_one_line_error(invoke(["eval", "--dataset", "voc21", "--data-root", ade_root, "--engine", "mmseg",
-                                      *base]), "dataset voc21: no .jpg images")
+    # checked before the model is built, whichever engine runs it
+    assert_one_line_error(invoke(["eval", "--dataset", "voc21", "--data-root", ade_root, "--engine", "auto", *base]),
+                          "cannot start: 1 problem(s): dataset voc21: no data at")
     assert_one_line_error(invoke(["eval", "--dataset", "ade20k", "--data-root", tmp_path / "none", *base]),
                           "is not a directory")
     assert_one_line_error(invoke(["eval", "--dataset", "ade20k", "--data-root", ade_root, "--adapter", "x", *base]),
@@ -246,7 +246,13 @@ def test_versatility_grid_writes_the_table_and_resumes(tmp_path, tiny, ade_root,
     if n_sets == 2:
         assert "voc21*" in table and "stand-in data" in table
     # attention computed once per image and provider, shared by both adapters
-    assert len(list(cache.glob("*/*/*.pt"))) == n_sets  # --limit 1; one group folder per provider identity
+    from dslo.integrations.cache import AttentionCache
+
+    groups = AttentionCache(cache).groups()
+    assert [g["entries"] for g in groups] == [n_sets]  # --limit 1; one group: one provider identity
+    assert groups[0]["about"]["provider"] == "affinity"
+    # the encoded vocabulary of each (dataset, model) is kept beside the attention (both adapters share CLIP)
+    assert len(list((cache / "text").glob("*/*.pt"))) == n_sets
     cells = sorted((results / "versatility").glob("*/*.json"))
     stamps = {p: p.stat().st_mtime_ns for p in cells}
 

