@@ -159,6 +159,157 @@ def test_ovss_segmentor_predicts_at_the_original_size_and_undoes_normalisation(t
         plain.loss(None, None)
 
 
+class _CountingProvider(nn.Module):
+    """Stand-in for a provider with weights: affinity attention plus one parameter, recording
+    the device it was built on."""
+
+    def __init__(self, device) -> None:
+        super().__init__()
+        from dslo.attention.affinity import AffinityAttention  # the factory is patched
+
+        self.built_on = device
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.affinity = AffinityAttention()
+
+    def forward(self, image):
+        return self.affinity(image)
+
+
+def _count_builds(monkeypatch) -> list:
+    """Replace ``dslo.attention.build_attention`` (what ``build_provider`` builds with) by one
+    returning a ``_CountingProvider``; the returned list gets the device of each build."""
+    import dslo.attention
+
+    calls = []
+
+    def build(name, device=None, **options):
+        calls.append(device)
+        return _CountingProvider(device)
+
+    monkeypatch.setattr(dslo.attention, "build_attention", build)
+    return calls
+
+
+def _lazy_submodules(model) -> list:
+    return [m for m in model.modules() if isinstance(m, dm._ProviderHome)]
+
+
+def _one_image(model, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    bgr = torch.randint(0, 256, (3, 40, 56), generator=g, dtype=torch.uint8)
+    meta = dict(ori_shape=(40, 56), img_shape=(40, 56))
+    return model.data_preprocessor(dict(inputs=[bgr], data_samples=[SegDataSample(metainfo=meta)]))
+
+
+def test_ovss_segmentor_device_builds_the_adapter_there_and_the_vocabulary_follows_moves(tiny_clip, monkeypatch):
+    """``device`` reaches ``build_adapter_by_name``; the encoded vocabulary is a pair of
+    non-persistent buffers, so a later ``.to()`` (here a dtype cast: no GPU here) reaches the
+    features the pipeline reads; a device that does not exist fails at build time."""
+    cfg, ckpt = tiny_clip
+    seen = []
+    real = dm.build_adapter_by_name
+
+    def spy(name, **kwargs):
+        seen.append(kwargs.get("device"))
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(dm, "build_adapter_by_name", spy)
+    kw = dict(adapter=dict(name="clip", model=cfg, pretrained=ckpt, size=32), attention="affinity",
+              classes=["sky", "tree", "road"])
+    model = dm.OVSSSegmentor(**kw, device="cpu")
+    assert seen == [torch.device("cpu")]
+    assert model.pipeline.text.features is model.text_features and model.text_features.shape[0] == 3
+    assert "text_features" not in model.state_dict()  # not persistent: checkpoints unchanged
+    batch = _one_image(model)
+    before = model.extract_feat(batch["inputs"])
+    model.to(torch.float64)
+    text = model.pipeline.text
+    assert text.features.dtype == torch.float64 and text.features is model.text_features
+    assert text.query_to_class.dtype == torch.int64 and text.num_classes == 3
+    after = model.extract_feat(batch["inputs"])
+    torch.testing.assert_close(after.float(), before, atol=1e-4, rtol=1e-4)  # same logits in float64
+    model.float()
+    assert model.pipeline.text.features.dtype == torch.float32
+    assert model.predict(batch["inputs"], batch["data_samples"])[0].pred_sem_seg.data.shape == (1, 40, 56)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            dm.OVSSSegmentor(**kw, device="cuda")
+    dm.OVSSSegmentor(**kw)  # device=None: as before (CPU build)
+    assert seen[-1] is None
+
+
+def test_attention_is_built_lazily_on_the_device_the_segmentor_is_on_at_call_time(tiny_clip, monkeypatch):
+    """Building the segmentor builds no provider; the first call builds it on the device of the
+    segmentor then (the Runner moves the model between build and first image: simulated by
+    moving to 'meta', a device every CPU build has), and the built provider becomes a
+    submodule that follows later moves."""
+    cfg, ckpt = tiny_clip
+    calls = _count_builds(monkeypatch)
+    model = dm.OVSSSegmentor(adapter=dict(name="clip", model=cfg, pretrained=ckpt, size=32),
+                             attention=dict(name="affinity"), classes=["sky", "tree"], device="cpu")
+    assert calls == []
+    (home,) = _lazy_submodules(model)  # a submodule, so model.to() reaches its device anchor
+    assert home.model is None and any(b is home._anchor for b in model.buffers())
+    assert home.device == torch.device("cpu")
+    home.to("meta")  # what model.to(device) does to this submodule
+    image01 = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    model._attention(image01)
+    model._attention(image01)
+    assert calls == [torch.device("meta")]  # once, where the segmentor was at call time
+    assert any(m is home.model for m in model.modules()) and isinstance(home.model, _CountingProvider)
+    model.to(torch.float64)
+    assert home.model.weight.dtype == torch.float64  # later moves reach the built provider
+
+    # RefinedSegmentor: same lazy provider, and the device argument
+    with dm._mmseg_scope():
+        refined = MODELS.build(dict(type="RefinedSegmentor", segmentor=dict(type="TinyTestSegmentor",
+                                                                            data_preprocessor=IMAGENET),
+                                    attention="affinity", device="cpu"))
+    assert len(_lazy_submodules(refined)) == 1 and len(calls) == 1
+
+
+def test_cached_attention_never_builds_the_provider(tiny_clip, tmp_path, monkeypatch):
+    """With the image's attention in the on-disk cache, a new segmentor predicts without
+    building its SD2 provider; labels equal the first run's. (The cache keys entries by the
+    weight files, so a stand-in SD2 folder is there; the patched factory loads nothing.)"""
+    cfg, ckpt = tiny_clip
+    calls = _count_builds(monkeypatch)
+    sd2 = tmp_path / "sd2"
+    (sd2 / "unet").mkdir(parents=True)
+    (sd2 / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"stand-in")
+    kw = dict(adapter=dict(name="clip", model=cfg, pretrained=ckpt, size=32),
+              attention=dict(name="sd2", weights=str(sd2)),
+              classes=["sky", "tree", "road"], cache=str(tmp_path / "attention"))
+    first = dm.OVSSSegmentor(**kw)
+    assert calls == []
+    batch = _one_image(first)
+    a = first.predict(batch["inputs"], batch["data_samples"])[0].pred_sem_seg.data
+    assert calls == [torch.device("cpu")] and first._provider.cache.misses == 1
+    assert len(list((tmp_path / "attention").rglob("*.pt"))) == 1
+    second = dm.OVSSSegmentor(**kw)
+    batch = _one_image(second)
+    b = second.predict(batch["inputs"], batch["data_samples"])[0].pred_sem_seg.data
+    assert len(calls) == 1 and second._provider.cache.hits == 1
+    assert [m.model for m in _lazy_submodules(second)] == [None]
+    assert torch.equal(a, b)
+    # weights not on the machine: the cache's weight identity builds the provider (a download
+    # would fetch the files); that build and the cache miss share one model, on the home's device
+    absent = dm.OVSSSegmentor(**{**kw, "attention": dict(name="sd2", weights="nobody/absent-sd2")})
+    batch = _one_image(absent)
+    absent.predict(batch["inputs"], batch["data_samples"])
+    assert calls == [torch.device("cpu")] * 2 and isinstance(_lazy_submodules(absent)[0].model, _CountingProvider)
+
+
+def test_run_eval_takes_the_device_from_the_model_config(tmp_path, tiny_clip):
+    data = write_ade(tmp_path / "data")
+    out = dm.run_eval("ade20k", data, {**ovss_model(tiny_clip), "device": "cpu"}, work_dir=tmp_path / "w", limit=1)
+    assert out["images"] == 1 and out["mIoU"] >= 0
+    if not torch.cuda.is_available():  # the key reaches the constructor: a missing GPU is named
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            dm.run_eval("ade20k", data, {**ovss_model(tiny_clip), "device": "cuda"}, work_dir=tmp_path / "w2",
+                        limit=1)
+
+
 # ----------------------------------------------------------------------------- RefinedSegmentor
 
 
@@ -268,6 +419,19 @@ def test_shipped_configs_match_the_layouts_and_class_files(name):
     assert cfg.model.adapter.name == "clip" and cfg.model.attention.name == "sd2"
     dataset_cls = DATASETS.get(cfg.test_dataloader.dataset.type)
     assert len(dataset_cls.METAINFO["classes"]) == len(load_class_names(name))
+
+
+def test_shipped_model_config_resizes_to_512_by_512():
+    """The paper's input size: every image to 512 x 512 (not a 512 short side), in the base
+    model config and so in every eval config."""
+    from dslo.adapters.base import input_size
+
+    base = Config.fromfile(dm.config_path("_base_/models/ovss_clip_sd2.py"))
+    assert tuple(base.model.adapter.size) == (512, 512)
+    assert input_size(375, 500, base.model.adapter.size, 16) == (512, 512)  # a VOC-sized photo
+    assert base.model.device is None  # built on the CPU, the Runner moves it
+    for name in ("voc21", "ade20k", "cityscapes"):
+        assert tuple(Config.fromfile(dm.config_path(f"eval/{name}.py")).model.adapter.size) == (512, 512)
 
 
 def test_refined_segformer_example_config_parses():

@@ -204,6 +204,7 @@ from mmseg.models.segmentors import BaseSegmentor  # noqa: E402
 from mmseg.registry import DATASETS, MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 
+from ..adapters.base import TextFeatures  # noqa: E402
 from ..refiners import DiscrepancyRefiner  # noqa: E402
 from .experiments import (BENCHMARK_DATA, Pipeline, _dummy_attention, build_adapter_by_name,  # noqa: E402
                           build_provider, canonical_dataset, parse_solver)
@@ -438,27 +439,84 @@ def _build_refiner(refiner: Union[Mapping, DiscrepancyRefiner, None]) -> Discrep
     return DiscrepancyRefiner(built.config.replace(**cfg)) if cfg else built
 
 
-def _adopt_provider(owner: torch.nn.Module, provider) -> None:
-    """Register the provider's model (behind a cache wrapper, if any) as a submodule, so that
-    ``model.to(device)`` (the Runner's move to the GPU) moves it with the adapter."""
-    inner = getattr(provider, "provider", provider)
+def _adopt_provider(owner: torch.nn.Module, provider, home: Optional[torch.nn.Module] = None) -> None:
+    """Register the provider's model (behind a cache wrapper, if any), or the ``_ProviderHome``
+    of a lazy one, as a submodule, so that ``model.to(device)`` (the Runner's move to the GPU)
+    moves it with the adapter."""
+    inner = home if home is not None else getattr(provider, "provider", provider)
     if isinstance(inner, torch.nn.Module) and not any(inner is m for m in owner.modules()):
         owner.attention_model = inner
 
 
-def _build_attention(attention, weights_dir, cache):
-    """dict(name=..., weights=..., **options) / "name" / callable / None ("own")."""
+class _ProviderHome(torch.nn.Module):
+    """Where a lazily built attention provider lives inside a segmentor.
+
+    The provider is built on the device this module is on at build time, read off an empty
+    buffer: the segmentor holds this module as a submodule, so the buffer follows
+    ``model.to(device)`` / ``.cuda()`` (the Runner moves the model after building it and
+    before any image arrives), and the provider lands where the images are. Once built, the
+    provider (when an ``nn.Module``) is the submodule ``model`` and follows later moves.
+
+    Args:
+        build: device -> provider (image (B, 3, H, W) in [0, 1] -> ``Attention``).
+        device: the device before any move (None: CPU).
+    """
+
+    def __init__(self, build: Callable[[torch.device], Callable], device=None) -> None:
+        super().__init__()
+        self._build = build
+        self.model = None
+        self.register_buffer("_anchor", torch.empty(0, device=device), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    def build(self) -> Callable:
+        """The provider, built now on ``self.device`` if it was not yet."""
+        if self.model is None:
+            self.model = self._build(self.device)
+        return self.model
+
+
+def _build_attention(attention, weights_dir, cache, device=None) -> tuple[Optional[Callable], Optional[torch.nn.Module]]:
+    """dict(name=..., weights=..., **options) / "name" / callable / None ("own") -> (provider,
+    the ``_ProviderHome`` of a named one).
+
+    A named provider is built on its first use: the first cache miss when ``cache`` is set (so
+    with every map in the cache, SD2 is never loaded), on the device its home is on then;
+    ``device`` is that device when nothing moved the segmentor since.
+    """
     if attention is None or attention == "own" or (isinstance(attention, Mapping) and attention.get("name") == "own"):
-        return None
+        return None, None
     if callable(attention):
-        return attention
+        return attention, None
     if isinstance(attention, str):
         attention = {"name": attention}
     opts = dict(attention)
     name = opts.pop("name", None)
     if name is None:
         raise ValueError(f"attention config needs name=...: {dict(attention)}")
-    return build_provider(name, weights=opts.pop("weights", None), weights_dir=weights_dir, options=opts, cache=cache)
+    kwargs = dict(weights=opts.pop("weights", None), weights_dir=weights_dir, options=opts)
+    provider = build_provider(name, **kwargs, cache=cache, lazy=True, device=device)
+    home = _ProviderHome(lambda dev: build_provider(name, **kwargs, device=dev), device)
+    lazy = getattr(provider, "provider", provider)
+    # the lazy layer of build_provider builds on the device fixed now, which is wrong once the
+    # Runner has moved the segmentor: route its build through the home, which reads the
+    # device at build time. The layer itself stays, as the cache's weight identity may build
+    # through it (weights not yet on the machine), so both paths share one model.
+    if callable(getattr(lazy, "_build", None)):
+        lazy._build = home.build
+    return provider, home
+
+
+def _check_device(device) -> Optional[torch.device]:
+    """None -> None; "cpu" / "cuda" / "cuda:N" / torch.device -> torch.device, checked to exist."""
+    if device is None:
+        return None
+    from ..attention.base import resolve_device
+
+    return resolve_device(device)
 
 
 @MODELS.register_module(force=True)
@@ -466,26 +524,41 @@ class OVSSSegmentor(_RefiningSegmentor):
     """A dslo pipeline as an mmseg segmentor (training-free, whole-image inference).
 
     Args:
-        adapter: ``dict(name="clip", model="ViT-B-16", pretrained="openai", size=448, **adapter
-            options)`` (``experiments.build_adapter_by_name``; ``model`` may be an open_clip
-            model-config JSON path, ``pretrained=None`` for random weights) or an adapter object.
+        adapter: ``dict(name="clip", model="ViT-B-16", pretrained="openai", size=(512, 512),
+            **adapter options)`` (``experiments.build_adapter_by_name``; ``model`` may be an
+            open_clip model-config JSON path, ``pretrained=None`` for random weights) or an
+            adapter object. ``size``: the (H, W) every image is resized to for the adapter;
+            the paper and the shipped config use (512, 512); an int is a short side (aspect
+            kept); the builder's default is a 448 short side.
         attention: ``dict(name="sd2" | "dinov2" | "clip" | "affinity", weights=..., **options)``,
-            a name, "own" / None (the adapter's own attention), or a callable.
+            a name, "own" / None (the adapter's own attention), or a callable. A named provider
+            is built on its first cache miss, on the device the segmentor is on then (so with
+            every map in ``cache``, SD2 is never loaded; the cache keys by the weight files, so
+            they must be on the machine).
         refiner: ``dict(solver="velocity", **RefinerConfig fields)`` or a ``DiscrepancyRefiner``.
         classes: a benchmark class file name ("voc21", "ade20k", ...), a class-file path, or a
             list of names; must match the dataset's label order.
         weights_dir: local folder searched for weights (see ``weights.load_clip_model``).
         cache: attention cache folder, True for the default one, None for none.
+        device: "cpu", "cuda", "cuda:N" or None: the adapter is built there, the vocabulary
+            encoded there, and the whole segmentor moved there. None: built on the CPU (the
+            Runner then moves it to its device).
         data_preprocessor: default ``SegDataPreProcessor`` with mean 0, std 255, RGB: the
             model sees [0, 1] images (any other normalisation is undone).
 
     ``predict`` returns labels at each image's original size: the adapter and attention see the
     pipeline's image, the refiner upsamples (JBU) guided by that image resized to ``ori_shape``.
+
+    The encoded vocabulary is kept as non-persistent buffers (``text_features`` (Q, D),
+    ``text_query_to_class`` (Q,)), so ``.to(device)``, ``.cuda()`` and dtype casts reach it;
+    it is not part of the state dict.
     """
 
     def __init__(self, adapter: Union[Mapping, object, None] = None, attention=None, refiner=None,
                  classes: Union[str, Sequence] = "voc21", weights_dir: Optional[str] = None, cache=None,
-                 data_preprocessor: Optional[Mapping] = None, init_cfg: Optional[Mapping] = None) -> None:
+                 device: Union[str, torch.device, None] = None, data_preprocessor: Optional[Mapping] = None,
+                 init_cfg: Optional[Mapping] = None) -> None:
+        dev = _check_device(device)
         if data_preprocessor is None:
             data_preprocessor = dict(type="SegDataPreProcessor", mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0],
                                      bgr_to_rgb=True)
@@ -495,18 +568,38 @@ class OVSSSegmentor(_RefiningSegmentor):
         if isinstance(adapter, Mapping):
             opts = dict(adapter)
             name = opts.pop("name", "clip")
+            opts.setdefault("device", dev)  # an adapter-level device is kept for the build
             adapter = build_adapter_by_name(name, weights_dir=weights_dir, **opts)
+        elif dev is not None and isinstance(adapter, torch.nn.Module):
+            adapter = adapter.to(dev)  # before encode_text, which runs where the adapter is
         self.adapter = adapter
         self.refiner = _build_refiner(refiner)
-        provider = _build_attention(attention if attention is not None else "own", weights_dir, cache)
+        provider, home = _build_attention(attention if attention is not None else "own", weights_dir, cache, dev)
         if provider is None and not callable(getattr(adapter, "attention", None)):
             raise ValueError(f"OVSSSegmentor: attention 'own' needs an adapter with an attention of its own "
                              f"(sc-clip, cass, proxyclip); {type(adapter).__name__} has none: give attention=dict(name=...)")
         self._provider = provider
-        _adopt_provider(self, provider)
-        self._text = adapter.encode_text(list(classes) if isinstance(classes, tuple) else classes)
-        self.num_classes = int(self._text.num_classes)
-        self.pipeline = Pipeline(self.adapter, self._text, provider, self.refiner)
+        _adopt_provider(self, provider, home)
+        text = adapter.encode_text(list(classes) if isinstance(classes, tuple) else classes)
+        # buffers, not attributes of a frozen TextFeatures: Module._apply (to / cuda / double)
+        # reaches buffers only; _apply rebuilds the TextFeatures the pipeline reads around them
+        self.register_buffer("text_features", text.features, persistent=False)
+        self.register_buffer("text_query_to_class", text.query_to_class, persistent=False)
+        self._text = text
+        self.num_classes = int(text.num_classes)
+        self.pipeline = Pipeline(self.adapter, text, provider, self.refiner)
+        if dev is not None:
+            self.to(dev)  # the data preprocessor's device, the refiner, the provider's home
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        text = getattr(self, "_text", None)
+        if text is not None and (text.features is not self.text_features
+                                 or text.query_to_class is not self.text_query_to_class):
+            self._text = TextFeatures(self.text_features, self.text_query_to_class, text.class_names,
+                                      text.templates)
+            self.pipeline.text = self._text
+        return self
 
     def extract_feat(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed -> per-class patch logits (B, C, h, w)."""
@@ -556,15 +649,18 @@ class RefinedSegmentor(_RefiningSegmentor):
             decode head, whose logits are already on a softmax scale.
         checkpoint: weights of the wrapped segmentor (mmseg checkpoint), loaded with
             ``load_checkpoint``; ``trust_checkpoint`` allows full unpickling.
+        device: as ``OVSSSegmentor``: the built segmentor (wrapped model included) is moved
+            there; None leaves it on the CPU for the Runner to move.
     """
 
     def __init__(self, segmentor: Mapping, layers: Union[str, Sequence[str], Mapping] = "decode_head.conv_seg",
                  to_logits: Union[str, Callable, None] = None, run: str = "encode_decode", stop_early: bool = True,
                  attention=None, refiner=None, checkpoint: Optional[str] = None, trust_checkpoint: bool = False,
-                 weights_dir: Optional[str] = None, cache=None, data_preprocessor: Optional[Mapping] = None,
-                 init_cfg: Optional[Mapping] = None) -> None:
+                 weights_dir: Optional[str] = None, cache=None, device: Union[str, torch.device, None] = None,
+                 data_preprocessor: Optional[Mapping] = None, init_cfg: Optional[Mapping] = None) -> None:
         from ..adapters import HookAdapter
 
+        dev = _check_device(device)
         if not isinstance(segmentor, Mapping) or "type" not in segmentor:
             raise ValueError(f"RefinedSegmentor: segmentor must be an mmseg model config with a type, got {segmentor!r}")
         if run not in ("encode_decode", "predict"):
@@ -586,7 +682,7 @@ class RefinedSegmentor(_RefiningSegmentor):
         self.hooks = HookAdapter(self.segmentor, layers, _import_callable(to_logits), forward=self._run_inner,
                                  stop_early=stop_early)
         self.refiner = _build_refiner(refiner)
-        provider = _build_attention(attention, weights_dir, cache) if attention is not None else None
+        provider, home = _build_attention(attention, weights_dir, cache, dev)
         if provider is None:
             own = getattr(self.segmentor, "attention", None)
             if not callable(own):
@@ -594,7 +690,9 @@ class RefinedSegmentor(_RefiningSegmentor):
                                  "attention(image) of its own)")
             provider = own
         self._provider = provider
-        _adopt_provider(self, provider)
+        _adopt_provider(self, provider, home)
+        if dev is not None:
+            self.to(dev)
 
     def _run_inner(self, model, inputs):
         if self.run == "predict":
@@ -688,6 +786,10 @@ def run_eval(dataset: str, data_root: Union[str, Path], model: Mapping, *, work_
     """Evaluate ``model`` (an mmseg model config, e.g. ``dict(type="OVSSSegmentor", ...)``) on
     one benchmark with mmseg's dataset, ``IoUMetric`` and ``Runner.test``.
 
+    ``model["device"]`` ("cpu", "cuda", "cuda:N"; optional) is where the model is built and
+    evaluated. Without it the model is built on the CPU and the Runner moves it to its own
+    device (the GPU when there is one).
+
     Returns:
         mmseg's metrics: ``{"aAcc", "mIoU", "mAcc"}`` in percent (rounded to 2 decimals by
         mmseg), plus the number of images under ``"images"``.
@@ -716,6 +818,11 @@ def run_eval(dataset: str, data_root: Union[str, Path], model: Mapping, *, work_
                              launcher=launcher))
     try:
         runner = Runner.from_cfg(cfg)
+        device = model.get("device")
+        if device is not None:
+            # the Runner moves every model to its device type ("cuda" = the current GPU) while
+            # building; an explicit device (the CPU on a GPU machine, or another GPU) wins
+            runner.model.to(device)
         total = len(runner.test_dataloader.dataset)  # builds the dataset (mmengine is lazy)
         if progress:
             runner.register_hook(_ProgressHook.build(total, key))
