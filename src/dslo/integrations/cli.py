@@ -652,7 +652,11 @@ def eval_command(
             att = {"name": attention, **_options(attention_option)}
             if attention_weights is not None:
                 att["weights"] = attention_weights
-            cfg_model = dict(type="OVSSSegmentor", adapter={"name": name, **adapter_opts},
+            from .experiments import text_cache_dir
+
+            text_cache = text_cache_dir(_cache_arg(cache, cache_dir))
+            cfg_model = dict(type="OVSSSegmentor", adapter={"name": name, **adapter_opts, "text_cache":
+                                                            text_cache if text_cache in (None, True) else str(text_cache)},
                              attention=att if attention != "own" else "own",
                              refiner={"solver": solver, **_options(option)}, classes=vocab,
                              weights_dir=None if weights_dir is None else str(weights_dir),
