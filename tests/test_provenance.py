@@ -274,3 +274,27 @@ def test_eval_device_reaches_the_model_the_vocabulary_and_the_provider(tmp_path,
     assert record["provenance"]["weights"][0]["files"][-1]["sha256"] == provenance.file_record(ckpt)["sha256"]
     # mmseg's float32 metrics are written as the 2-decimal percentages they are
     assert all(v == round(v, 2) for k, v in record.items() if k in ("mIoU", "aAcc", "mAcc"))
+
+
+def test_commands_hide_library_progress_bars_unless_verbose(tmp_path):
+    """transformers prints a "Loading weights" bar per model; the commands keep the terminal to
+    their own lines (``dslo --verbose`` lets the libraries talk)."""
+    from PIL import Image
+
+    weights = tmp_path / "w"
+    _save_tiny_dinov2(weights, 0)
+    photo = tmp_path / "p.png"
+    Image.fromarray((np.random.default_rng(0).random((56, 56, 3)) * 255).astype(np.uint8)).save(photo)
+    logits = tmp_path / "l.pt"
+    torch.save(torch.rand(2, 4, 4), logits)
+    args = ["refine", "--logits", logits, "--image", photo, "--attention", "dinov2", "--weights", weights,
+            "--out", tmp_path / "m.png"]
+    from dslo.attention.dinov2 import _load_cached
+
+    _load_cached.cache_clear()  # load the weights in the command, not from an earlier test
+    res = _invoke(args)
+    assert res.exit_code == 0, res.output
+    assert "Loading weights" not in res.output and res.output.startswith("wrote ")
+    _load_cached.cache_clear()
+    res = _invoke(["--verbose", *args])
+    assert res.exit_code == 0 and "Loading weights" in res.output

@@ -58,20 +58,24 @@ class _Quiet:
 
         self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()
+        quiet = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
+                 "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
         if self.verbose:
-            return self
-        warnings.simplefilter("ignore")
-        # read at import by transformers / diffusers / huggingface_hub; set directly on those
-        # already imported (their progress bars are tqdm, on stderr, between our lines)
-        for var, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
-                           ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
-            os.environ.setdefault(var, value)
+            for var, value in quiet.items():
+                if os.environ.get(var) == value:
+                    del os.environ[var]
+            calls = ("set_verbosity_warning", "enable_progress_bar", "enable_progress_bars")
+        else:
+            warnings.simplefilter("ignore")
+            # read at import by transformers / diffusers / huggingface_hub; set directly on those
+            # already imported (their progress bars are tqdm, on stderr, between our lines)
+            for var, value in quiet.items():
+                os.environ.setdefault(var, value)
+            calls = ("set_verbosity_error", "disable_progress_bar", "disable_progress_bars")
         for name in ("transformers", "diffusers", "huggingface_hub"):
             module = sys.modules.get(f"{name}.utils.logging") or sys.modules.get(f"{name}.utils")
-            if module is None:
-                continue
-            for fn in ("set_verbosity_error", "disable_progress_bar", "disable_progress_bars"):
-                if callable(getattr(module, fn, None)):
+            for fn in calls:
+                if module is not None and callable(getattr(module, fn, None)):
                     getattr(module, fn)()
         return self
 
