@@ -123,8 +123,10 @@ def test_cache_info_says_what_each_group_was_computed_from(tmp_path):
     sha = provenance.file_record(weights / "model.safetensors")["sha256"]
     assert "in 2 entries" in res.output and f"sha256 {sha}" in res.output and '"features": "key"' in res.output
     assert "older dslo" in res.output
+    assert f"{cache_dir / 'text'}: 0.0 MiB in 0 encoded vocabularies" in res.output
     res = CliRunner().invoke(app, ["cache", "clear", "--cache-dir", str(cache_dir)])
     assert "removed 2 entries" in res.output and AttentionCache(cache_dir).groups() == []
+    assert "removed 0 encoded vocabularies" in res.output
 
 
 def test_cache_leaves_other_caches_in_the_same_folder_alone(tmp_path):

@@ -129,8 +129,12 @@ def cache_clear(cache_dir: Optional[Path] = typer.Option(None, help="cache folde
     """Delete every cached attention matrix."""
     from .cache import AttentionCache
 
+    from ..adapters.text_cache import TextFeatureCache
+
     c = AttentionCache(cache_dir)
     typer.echo(f"removed {c.clear()} entries from {c.root}")
+    text = TextFeatureCache(_text_root(cache_dir))
+    typer.echo(f"removed {text.clear()} encoded vocabularies from {text.root}")
 
 
 @cache_app.command("info")
@@ -156,6 +160,21 @@ def cache_info(cache_dir: Optional[Path] = typer.Option(None, help="cache folder
             typer.echo(f"    weights {rec.get('weights')}: not on the machine when computed")
         for f in files or []:
             typer.echo(f"    {f['path']} ({f['bytes']} bytes, sha256 {f['sha256']})")
+    from ..adapters.text_cache import TextFeatureCache
+
+    text = TextFeatureCache(_text_root(cache_dir))
+    entries = text.entries()
+    typer.echo(f"{text.root}: {text.size() / 2**20:.1f} MiB in {len(entries)} encoded vocabularies")
+    for e in entries:
+        info = e.info or {}
+        typer.echo(f"  {Path(e.path).name[:16]}: {info.get('model_name') or info.get('model_class')}, "
+                   f"{info.get('queries')} queries x {info.get('templates')} templates, "
+                   f"text weights {str(info.get('weights'))[:16]}, dslo {info.get('dslo')}")
+
+
+def _text_root(cache_dir: Optional[Path]) -> Optional[Path]:
+    """The encoded-vocabulary cache beside an attention cache folder (``experiments.text_cache_dir``)."""
+    return cache_dir / "text" if cache_dir is not None else None
 
 
 def _command_line(ctx: "typer.Context") -> str:
