@@ -8,35 +8,30 @@ Importing this module imports mmseg and registers, in mmseg's registries:
 - ``RefinedSegmentor``: wraps another mmseg segmentor config (a peer's, or any trained model),
   reads its patch logits with ``dslo.adapters.HookAdapter`` and refines them;
 - ``PascalVOC20Dataset`` and ``COCOObjectDataset``: the two benchmark datasets mmseg lacks
-  (same definitions as SCLIP and its successors).
+  (same definitions as SCLIP and its successors; ``mmseg_data``);
+- ``DsloUnwrapped``: the model wrapper ``run_eval`` uses (``mmseg_eval``).
 
 Configs: ``configs/`` beside this file (``config_path("eval/voc21.py")``); a config needs
 ``custom_imports = dict(imports=["dslo.integrations.mmseg"])`` so that mmseg finds these.
 
-Tested with mmsegmentation 1.2.2, mmengine 0.10.7, mmcv-lite 2.1.0 (``pip install
-'dslo[mmseg]'``). Full mmcv has no wheel for current torch and compiles for ~27 minutes; mmseg
-imports two of mmcv's compiled ops at module level (``point_sample`` and
-``sigmoid_focal_loss``), so when ``mmcv._ext`` is absent ``install_mmcv_ops_standin`` puts a
-small ``mmcv.ops`` in ``sys.modules`` first: ``point_sample`` from mmcv's own source (plain
-PyTorch), a PyTorch ``sigmoid_focal_loss``, and placeholders that raise on use for every
-other compiled op. torch >= 2.6 loads checkpoints with ``weights_only=True``, which refuses
-mmengine checkpoints (they pickle ``HistoryBuffer`` and numpy arrays in their message hub):
-``allow_mmengine_checkpoints`` allow-lists exactly those types, so mmengine's own loader (and
-``Runner(load_from=...)``) works without turning ``weights_only`` off.
+This module holds the two segmentors and is the public entry: it re-exports the mmcv / mmseg
+compatibility layer (``mmseg_compat``: the ``mmcv.ops`` stand-in, installed before the first
+mmseg import, ``import_mmseg``, ``load_checkpoint`` for mmengine checkpoints under torch's
+``weights_only`` loader), the dataset configs (``mmseg_data``) and ``run_eval``
+(``mmseg_eval``). Tested with mmsegmentation 1.2.2, mmengine 0.10.7, mmcv-lite 2.1.0
+(``pip install 'dslo[mmseg]'``).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
-import sys
-import types
-from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+from .mmseg_compat import (TESTED_VERSIONS, allow_mmengine_checkpoints, import_mmseg, install_mmcv_ops_standin,
+                           load_checkpoint)
 
 __all__ = [
     "TESTED_VERSIONS",
@@ -53,286 +48,21 @@ __all__ = [
     "RefinedSegmentor",
 ]
 
-TESTED_VERSIONS = {"mmsegmentation": "1.2.2", "mmengine": "0.10.7", "mmcv-lite": "2.1.0"}
-_INSTALL = "pip install 'dslo[mmseg]' (mmsegmentation==1.2.2 mmengine==0.10.7 mmcv-lite==2.1.0 'setuptools<82' ftfy regex)"
-
-
-# --------------------------------------------------------------------------- mmcv.ops stand-in
-
-
-def _sigmoid_focal_loss(input: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25,
-                        weight: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
-    """PyTorch version of mmcv's compiled ``sigmoid_focal_loss``.
-
-    Args:
-        input: (N, C) logits; target: (N,) int64 class ids (C or more: no positive class).
-        weight: optional (C,) weight, applied per sample by its target class (as mmcv's kernel).
-        reduction: "none" ((N, C)), "mean" (sum / N), "sum".
-    """
-    n, c = input.shape
-    t = F.one_hot(target.long().clamp(0, c), c + 1)[:, :c].to(input.dtype)
-    p = input.sigmoid()
-    loss = -(alpha * (1 - p).pow(gamma) * t * F.logsigmoid(input)
-             + (1 - alpha) * p.pow(gamma) * (1 - t) * F.logsigmoid(-input))
-    if weight is not None and weight.numel():
-        loss = loss * weight[target.long().clamp(0, c - 1)].view(-1, 1)
-    if reduction == "mean":
-        return loss.sum() / max(n, 1)
-    if reduction == "sum":
-        return loss.sum()
-    return loss
-
-
-def _missing_op(name: str):
-    """Module ``__getattr__`` of the stand-in: a placeholder class for any compiled op, so
-    mmseg's ``from mmcv.ops import X`` succeeds and only using X fails (isinstance checks work)."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-
-    def unavailable(*args, **kwargs):
-        raise NotImplementedError(
-            f"mmcv.ops.{name} needs mmcv's compiled ops; dslo installed a stand-in mmcv.ops (mmcv-lite has "
-            "none). Install full mmcv (compiles from source) to use models that need it")
-
-    return type(name, (), {"__init__": unavailable, "__doc__": f"unavailable compiled op {name}"})
-
-
-def install_mmcv_ops_standin() -> bool:
-    """Register a small ``mmcv.ops`` in ``sys.modules`` when mmcv's compiled ops are absent.
-
-    Must run before the first mmseg import. Does nothing when ``mmcv.ops`` is already imported
-    or ``mmcv._ext`` exists (full mmcv). Returns True when the stand-in was installed.
-    """
-    if "mmcv.ops" in sys.modules:
-        return False
-    import mmcv
-
-    if importlib.util.find_spec("mmcv._ext") is not None:
-        return False
-    ops = types.ModuleType("mmcv.ops", "dslo stand-in for mmcv.ops (mmcv-lite has no compiled ops)")
-    # submodules that are plain PyTorch (point_sample.py) still import from mmcv's own source
-    ops.__path__ = [str(Path(mmcv.__file__).parent / "ops")]
-    ops.__dslo_standin__ = True
-    ops.__getattr__ = _missing_op
-    sys.modules["mmcv.ops"] = ops
-    mmcv.ops = ops
-    try:
-        from mmcv.ops.point_sample import point_sample
-    except Exception:  # noqa: BLE001 - keep mmcv importable whatever happens
-        del sys.modules["mmcv.ops"]
-        del mmcv.ops
-        raise
-    ops.point_sample = point_sample
-    ops.sigmoid_focal_loss = _sigmoid_focal_loss
-    return True
-
-
-def _history_buffer_getattr(obj, name, *default):
-    """The only ``builtins.getattr`` an mmengine checkpoint needs: its message hub pickles each
-    ``HistoryBuffer`` with its statistics methods (``getattr(HistoryBuffer, "mean")``, ...).
-    Anything else is refused: a general ``getattr`` would let a pickle reach arbitrary code."""
-    import pickle
-
-    from mmengine.logging.history_buffer import HistoryBuffer
-
-    if obj is HistoryBuffer and isinstance(name, str) and name in HistoryBuffer._statistics_methods:
-        return getattr(obj, name)
-    raise pickle.UnpicklingError(f"checkpoint calls getattr({obj!r}, {name!r}); only HistoryBuffer statistics "
-                                 "methods are allowed")
-
-
-# registered under the global name the pickle uses ("builtins.getattr")
-_history_buffer_getattr.__module__ = "builtins"
-_history_buffer_getattr.__qualname__ = _history_buffer_getattr.__name__ = "getattr"
-
-
-def allow_mmengine_checkpoints() -> None:
-    """Allow-list, for torch's ``weights_only`` loader, the non-tensor objects mmengine puts in
-    its checkpoints: ``HistoryBuffer`` (with a ``getattr`` restricted to its statistics
-    methods), numpy arrays, dtypes and scalars. Then ``torch.load`` (and mmengine's
-    ``load_checkpoint`` / ``Runner(load_from=...)``) reads them with ``weights_only=True``."""
-    import numpy as np
-
-    add = getattr(torch.serialization, "add_safe_globals", None)
-    if add is None:  # torch < 2.4 loads everything anyway
-        return
-    from mmengine.logging.history_buffer import HistoryBuffer
-
-    core = getattr(np, "_core", None) or np.core
-    safe = [HistoryBuffer, _history_buffer_getattr, np.ndarray, np.dtype, core.multiarray._reconstruct,
-            core.multiarray.scalar]
-    safe += [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "int16", "int8",
-                                         "uint8", "bool")]
-    add(safe)
-
-
-_MMSEG = None
-
-
-def import_mmseg():
-    """Import mmseg (stand-in for ``mmcv.ops`` first when needed) and return it.
-
-    Raises:
-        ImportError: mmseg / mmengine / mmcv missing, with the install command.
-    """
-    global _MMSEG
-    if _MMSEG is not None:
-        return _MMSEG
-    try:
-        import mmcv  # noqa: F401
-        import mmengine  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(f"the mmseg integration needs mmsegmentation, mmengine and mmcv: {_INSTALL}") from exc
-    install_mmcv_ops_standin()
-    try:
-        import mmseg
-        import mmseg.datasets  # noqa: F401 - registers datasets and transforms
-        import mmseg.evaluation  # noqa: F401
-        import mmseg.models  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(f"cannot import mmseg ({exc}); {_INSTALL}") from exc
-    allow_mmengine_checkpoints()
-    _MMSEG = mmseg
-    return mmseg
-
-
-import_mmseg()
+import_mmseg()  # the mmcv.ops stand-in before the first mmseg import
 
 from mmengine.structures import PixelData  # noqa: E402
-from mmseg.datasets import BaseSegDataset  # noqa: E402
 from mmseg.models.segmentors import BaseSegmentor  # noqa: E402
-from mmseg.registry import DATASETS, MODELS  # noqa: E402
+from mmseg.registry import MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 
 from ..adapters.base import TextFeatures  # noqa: E402
 from ..refiners import DiscrepancyRefiner  # noqa: E402
-from .experiments import (BENCHMARK_DATA, Pipeline, _dummy_attention, build_adapter_by_name,  # noqa: E402
-                          build_provider, canonical_dataset, parse_solver)
-
-
-def load_checkpoint(model: torch.nn.Module, path: Union[str, Path], *, trusted: bool = False,
-                    strict: bool = True) -> None:
-    """Load an mmengine / mmseg checkpoint (``{"state_dict": ...}`` or a bare state dict) into
-    ``model``.
-
-    torch's ``weights_only`` loader is used with mmengine's types allow-listed; a checkpoint that
-    still pickles other objects is refused unless ``trusted=True`` (full unpickling runs code
-    from the file: only for files you trust).
-
-    Raises:
-        ValueError: missing file, refused pickle, or keys that do not fit (with ``strict``).
-    """
-    import pickle
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not trusted:
-            import re
-
-            found = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(\s|$)", str(exc))
-            first = (found.group(1) if found else " ".join(str(exc).split()))[:200]
-            raise ValueError(f"checkpoint {path}: torch's weights_only loader refused it ({first}); pass "
-                             "trust_checkpoint=True only if you trust the file") from None
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {path}: expected a state dict of tensors (or {{'state_dict': ...}})")
-    state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
-    if strict and (result.missing_keys or result.unexpected_keys):
-        raise ValueError(f"checkpoint {path}: missing keys {list(result.missing_keys)[:5]}, unexpected keys "
-                         f"{list(result.unexpected_keys)[:5]}")
-
-
-# --------------------------------------------------------------------------- datasets
-
-
-@DATASETS.register_module(force=True)
-class PascalVOC20Dataset(BaseSegDataset):
-    """Pascal VOC 2012 without background: label 0 (background) ignored, 20 classes
-    (``reduce_zero_label=True``), as in SCLIP and its successors."""
-
-    METAINFO = dict(
-        classes=("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-                 "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-                 "tvmonitor"),
-        palette=[[128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128], [0, 128, 128],
-                 [128, 128, 128], [64, 0, 0], [192, 0, 0], [64, 128, 0], [192, 128, 0], [64, 0, 128],
-                 [192, 0, 128], [64, 128, 128], [192, 128, 128], [0, 64, 0], [128, 64, 0], [0, 192, 0],
-                 [128, 192, 0], [0, 64, 128]])
-
-    def __init__(self, ann_file: str = "", img_suffix: str = ".jpg", seg_map_suffix: str = ".png",
-                 reduce_zero_label: bool = True, **kwargs) -> None:
-        super().__init__(img_suffix=img_suffix, seg_map_suffix=seg_map_suffix,
-                         reduce_zero_label=reduce_zero_label, ann_file=ann_file, **kwargs)
-
-
-_COCO_OBJECTS = (
-    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
-    "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
-    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
-    "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
-    "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier",
-    "toothbrush")
-
-
-@DATASETS.register_module(force=True)
-class COCOObjectDataset(BaseSegDataset):
-    """COCO-Object: background + the 80 COCO object classes, label maps
-    ``annotations/val2017/*_instanceTrainIds.png`` made from the COCO instance annotations
-    (GroupViT / TCL / SCLIP convention)."""
-
-    METAINFO = dict(classes=_COCO_OBJECTS,
-                    palette=[[(37 * k) % 256, (91 * k) % 256, (151 * k) % 256] for k in range(len(_COCO_OBJECTS))])
-
-    def __init__(self, img_suffix: str = ".jpg", seg_map_suffix: str = "_instanceTrainIds.png", **kwargs) -> None:
-        super().__init__(img_suffix=img_suffix, seg_map_suffix=seg_map_suffix, **kwargs)
-
-
-def config_path(name: str = "") -> Path:
-    """The shipped config folder (or a file in it, e.g. ``"eval/ade20k.py"``)."""
-    return Path(__file__).with_name("configs") / name
-
-
-def dataset_config(name: str, data_root: Union[str, Path] = "data", *, limit: Optional[int] = None,
-                   pipeline: Optional[list] = None) -> dict:
-    """The mmseg dataset config of a benchmark (standard mmseg layout under ``data_root``).
-
-    Args:
-        name: "voc21", "voc20", "context60", "context59", "coco-object", "coco-stuff",
-            "cityscapes", "ade20k".
-        data_root: the folder holding ``VOCdevkit/``, ``coco_stuff164k/``, ``cityscapes/``,
-            ``ADEChallengeData2016/``.
-        limit: evaluate the first ``limit`` images only (mmengine's ``indices``).
-        pipeline: default: load image, load annotations, pack (no resize: the adapter resizes
-            internally and the refiner answers at the original resolution).
-    """
-    key = canonical_dataset(name)
-    if key not in BENCHMARK_DATA:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(BENCHMARK_DATA)}")
-    lay = BENCHMARK_DATA[key]
-    cfg = dict(type=lay.mmseg_type, data_root=str(Path(data_root) / lay.root),
-               data_prefix=dict(img_path=lay.img_dir, seg_map_path=lay.ann_dir),
-               img_suffix=lay.img_suffix, seg_map_suffix=lay.seg_suffix, reduce_zero_label=lay.reduce_zero_label,
-               pipeline=pipeline if pipeline is not None else default_pipeline())
-    if lay.split is not None:
-        cfg["ann_file"] = lay.split
-    if limit is not None:
-        cfg["indices"] = int(limit)
-    return cfg
-
-
-def default_pipeline() -> list:
-    """Load image, load annotations, pack: no resize (the adapter resizes internally and the
-    refiner answers at the original resolution, where IoUMetric compares)."""
-    return [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations"), dict(type="PackSegInputs")]
+from .experiments import (Pipeline, _dummy_attention, build_adapter_by_name, build_provider,  # noqa: E402
+                          parse_solver)
+# importing these registers the datasets and the model wrapper
+from .mmseg_data import (COCOObjectDataset, PascalVOC20Dataset, config_path, dataset_config,  # noqa: E402,F401
+                         default_pipeline)
+from .mmseg_eval import DsloUnwrapped, eval_config, run_eval  # noqa: E402,F401
 
 
 def _unit_rgb(data_preprocessor, inputs: torch.Tensor) -> torch.Tensor:
@@ -711,122 +441,3 @@ class RefinedSegmentor(_RefiningSegmentor):
 
     def _attention(self, image01):
         return self._provider(image01)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-from mmengine.registry import MODEL_WRAPPERS  # noqa: E402
-
-
-@MODEL_WRAPPERS.register_module(force=True)
-class DsloUnwrapped:
-    """``model_wrapper_cfg=dict(type="DsloUnwrapped")``: under a distributed launcher, run the
-    model as is on each rank. The Runner would wrap it in ``DistributedDataParallel``, which
-    is for training (it refuses CPU modules given device ids, and needs gradients); testing
-    only needs each rank to predict its shard, and ``IoUMetric`` gathers the results."""
-
-    def __new__(cls, module: torch.nn.Module, **kwargs) -> torch.nn.Module:
-        return module
-
-
-def eval_config(dataset: str, data_root: Union[str, Path], model: Mapping, *, work_dir: Union[str, Path],
-                limit: Optional[int] = None, output_dir: Union[str, Path, None] = None,
-                launcher: str = "none") -> dict:
-    """A complete mmengine config for ``Runner.test`` of ``model`` on one benchmark."""
-    return dict(
-        default_scope="mmseg",
-        custom_imports=dict(imports=["dslo.integrations.mmseg"], allow_failed_imports=False),
-        model=dict(model),
-        test_dataloader=dict(batch_size=1, num_workers=0, persistent_workers=False,
-                             sampler=dict(type="DefaultSampler", shuffle=False),
-                             dataset=dataset_config(dataset, data_root, limit=limit)),
-        test_evaluator=dict(type="IoUMetric", iou_metrics=["mIoU"],
-                            output_dir=None if output_dir is None else str(output_dir)),
-        test_cfg=dict(type="TestLoop"),
-        model_wrapper_cfg=dict(type="DsloUnwrapped"),
-        env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
-                     dist_cfg=dict(backend="nccl" if torch.cuda.is_available() else "gloo")),
-        default_hooks=dict(timer=dict(type="IterTimerHook"), logger=dict(type="LoggerHook", interval=50)),
-        log_level="ERROR",  # mmengine warns about IoUMetric without a prefix on every run
-        launcher=launcher,
-        work_dir=str(work_dir),
-    )
-
-
-class _ProgressHook:
-    """A rich progress bar over the test iterations (an mmengine hook, built lazily)."""
-
-    @staticmethod
-    def build(total: int, description: str):
-        from mmengine.hooks import Hook
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        class RichProgress(Hook):
-            priority = "VERY_LOW"
-
-            def before_test(self, runner) -> None:
-                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                         TimeRemainingColumn(), transient=True)
-                self.progress.start()
-                self.task = self.progress.add_task(description, total=total)
-
-            def after_test_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-                self.progress.advance(self.task)
-
-            def after_test(self, runner) -> None:
-                self.progress.stop()
-
-        return RichProgress()
-
-
-def run_eval(dataset: str, data_root: Union[str, Path], model: Mapping, *, work_dir: Union[str, Path],
-             limit: Optional[int] = None, output_dir: Union[str, Path, None] = None,
-             progress: bool = False) -> dict:
-    """Evaluate ``model`` (an mmseg model config, e.g. ``dict(type="OVSSSegmentor", ...)``) on
-    one benchmark with mmseg's dataset, ``IoUMetric`` and ``Runner.test``.
-
-    ``model["device"]`` ("cpu", "cuda", "cuda:N"; optional) is where the model is built and
-    evaluated. Without it the model is built on the CPU and the Runner moves it to its own
-    device (the GPU when there is one).
-
-    Returns:
-        mmseg's metrics: ``{"aAcc", "mIoU", "mAcc"}`` in percent (rounded to 2 decimals by
-        mmseg), plus the number of images under ``"images"``.
-    """
-    from mmengine.config import Config
-    from mmengine.runner import Runner
-
-    from .experiments import _layout_ids
-
-    key = canonical_dataset(dataset)
-    layout = BENCHMARK_DATA.get(key)
-    if layout is None:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(BENCHMARK_DATA)}")
-    root = Path(data_root) / layout.root
-    # mmengine fails on an empty dataset with "need at least one array to concatenate"
-    if not (root / layout.img_dir).is_dir() or not _layout_ids(root, layout):
-        raise ValueError(f"dataset {key}: no {layout.img_suffix} images with {layout.seg_suffix} label maps under "
-                         f"{root} (mmseg layout: {layout.img_dir}/, {layout.ann_dir}/)")
-    if layout.split is not None and not (root / layout.split).is_file():
-        raise ValueError(f"dataset {key}: the split file {root / layout.split} is missing")
-    launcher = "pytorch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
-    if output_dir is not None:
-        # IoUMetric creates it on rank 0 only; other ranks may save their first image earlier
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-    cfg = Config(eval_config(key, data_root, model, work_dir=work_dir, limit=limit, output_dir=output_dir,
-                             launcher=launcher))
-    try:
-        runner = Runner.from_cfg(cfg)
-        device = model.get("device")
-        if device is not None:
-            # the Runner moves every model to its device type ("cuda" = the current GPU) while
-            # building; an explicit device (the CPU on a GPU machine, or another GPU) wins
-            runner.model.to(device)
-        total = len(runner.test_dataloader.dataset)  # builds the dataset (mmengine is lazy)
-        if progress:
-            runner.register_hook(_ProgressHook.build(total, key))
-        metrics = runner.test()
-    except (FileNotFoundError, AssertionError) as exc:  # mmseg's dataset checks are asserts
-        raise ValueError(f"dataset {key}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
-    return {**{k: float(v) for k, v in metrics.items()}, "images": total}
