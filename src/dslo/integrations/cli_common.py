@@ -1,0 +1,151 @@
+"""What every ``dslo`` command shares: the one-line failure, quiet mode, ``key=value``
+options, the command line rebuilt for provenance, ``--size``, the cache and progress-bar
+arguments.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+#: the adapters' input size of every command (``pipeline.DEFAULT_SIZE`` as text; not imported
+#: from there: that module imports the pipeline's dependencies, and ``dslo --help`` should not wait for them)
+_DEFAULT_SIZE = "512x512"
+
+
+def _fail(message: str) -> None:
+    # one line, whatever the underlying library put in its message
+    first = " ".join(str(message).strip().splitlines()[:1]) or "failed"
+    typer.echo(f"dslo: error: {first}", err=True)
+    raise typer.Exit(2)
+
+
+class _Quiet:
+    """Silence library chatter while a command runs: weight-loading progress bars of
+    transformers / diffusers / huggingface_hub, diffusers' accelerate hint, deprecation
+    warnings. dslo's own progress bars and errors stay; ``dslo --verbose`` shows everything."""
+
+    verbose = False
+
+    def __enter__(self) -> "_Quiet":
+        import os
+        import sys
+        import warnings
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        quiet = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
+                 "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+        if self.verbose:
+            for var, value in quiet.items():
+                if os.environ.get(var) == value:
+                    del os.environ[var]
+            calls = ("set_verbosity_warning", "enable_progress_bar", "enable_progress_bars")
+        else:
+            warnings.simplefilter("ignore")
+            # read at import by transformers / diffusers / huggingface_hub; set directly on those
+            # already imported (their progress bars are tqdm, on stderr, between our lines)
+            for var, value in quiet.items():
+                os.environ.setdefault(var, value)
+            calls = ("set_verbosity_error", "disable_progress_bar", "disable_progress_bars")
+        for name in ("transformers", "diffusers", "huggingface_hub"):
+            module = sys.modules.get(f"{name}.utils.logging") or sys.modules.get(f"{name}.utils")
+            for fn in calls:
+                if module is not None and callable(getattr(module, fn, None)):
+                    getattr(module, fn)()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._warnings.__exit__(*exc)
+
+
+def _quietly(command):
+    """Run a command under ``_Quiet`` (typer reads the signature through ``functools.wraps``)."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with _Quiet():
+            return command(*args, **kwargs)
+
+    return run
+
+
+def _options(items: Optional[List[str]]) -> dict:
+    out: dict = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            _fail(f"expected key=value, got {item!r}")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def _command_line(ctx: "typer.Context") -> str:
+    """The running command rebuilt from its parsed parameters (every option spelled out, so
+    the line reproduces the run even when defaults change later)."""
+    names, c = [], ctx
+    while c.parent is not None:  # subcommand names only: the program may be "python -m ..."
+        names.append(c.info_name)
+        c = c.parent
+    parts = ["dslo"] + names[::-1]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or not param.opts:
+            continue
+        if getattr(param, "is_flag", False) and getattr(param, "secondary_opts", None):
+            parts.append(param.opts[0] if value else param.secondary_opts[0])
+            continue
+        flag = max(param.opts, key=len)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            parts += [flag, shlex.quote(str(v))]
+    return " ".join(parts)
+
+
+def _parse_size(size: str):
+    """--size: "448" (short side, aspect kept) or "512x512" (a fixed height x width)."""
+    text = str(size).strip().lower()
+    try:
+        if "x" in text:
+            h, w = (int(v) for v in text.split("x"))
+            if h >= 1 and w >= 1:
+                return [h, w]
+        elif int(text) >= 1:
+            return int(text)
+    except ValueError:
+        pass
+    _fail(f"--size: expected a short side like 448 or HxW like 512x512, got {size!r}")
+
+
+def _model_options(model: str, pretrained: Optional[str], size: str, adapter_option) -> dict:
+    opts = {"model": model, "pretrained": None if pretrained in (None, "none", "random") else pretrained,
+            "size": _parse_size(size)}
+    opts.update(_options(adapter_option))
+    return opts
+
+
+def _cache_arg(cache: bool, cache_dir: Optional[Path]):
+    return (cache_dir if cache_dir is not None else True) if cache else None
+
+
+def _rich_progress():
+    """(iterable, description, total) -> iterable with a rich progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    def wrap(items, description, total):
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=Console(stderr=True), transient=True) as progress:
+            yield from progress.track(items, total=total, description=description)
+
+    return wrap

