@@ -300,3 +300,13 @@ def test_commands_hide_library_progress_bars_unless_verbose(tmp_path):
     _load_cached.cache_clear()
     res = _invoke(["--verbose", *args])
     assert res.exit_code == 0 and "Loading weights" in res.output
+
+
+def test_one_input_size_for_every_command_and_the_mmseg_config():
+    from dslo.integrations import cli_common, pipeline
+
+    assert cli_common._DEFAULT_SIZE == "x".join(str(v) for v in pipeline.DEFAULT_SIZE) == "512x512"
+    config = Path(__file__).resolve().parents[1] / "src/dslo/integrations/configs/_base_/models/ovss_clip_sd2.py"
+    scope: dict = {}
+    exec(config.read_text(), scope)
+    assert tuple(scope["model"]["adapter"]["size"]) == pipeline.DEFAULT_SIZE
