@@ -310,3 +310,14 @@ def test_one_input_size_for_every_command_and_the_mmseg_config():
     scope: dict = {}
     exec(config.read_text(), scope)
     assert tuple(scope["model"]["adapter"]["size"]) == pipeline.DEFAULT_SIZE
+
+
+def test_hash_memo_forgets_files_that_are_gone(tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"1")
+    provenance.file_record(a)
+    a.unlink()
+    b.write_bytes(b"2")
+    provenance.file_record(b)
+    memo = json.loads((tmp_path / "dslo-cache" / "file-hashes.json").read_text())
+    assert [k.rsplit("|", 2)[0] for k in memo] == [str(b.resolve())]

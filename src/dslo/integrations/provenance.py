@@ -95,6 +95,8 @@ def file_record(path: Union[str, Path]) -> dict:
                 h.update(chunk)
         digest = h.hexdigest()[:16]
         memo = _read_memo()  # another process may have added entries meanwhile
+        # forget files that are gone (temporary checkpoints, replaced downloads): the memo stays small
+        memo = {k: v for k, v in memo.items() if os.path.exists(k.rsplit("|", 2)[0])}
         memo[memo_key] = digest
         _write_memo(memo)
     return {"path": resolved, "bytes": int(st.st_size), "sha256": digest}
