@@ -426,7 +426,7 @@ class CLIPDenseBase(nn.Module):
             logits = self._window_logits(x, text, context)
         else:
             logits = self._slide(x, text, context)
-        return PatchLogits(logits.float(), text.query_to_class.to(logits.device), text.num_classes)
+        return PatchLogits(logits.float(), text.query_to_class.to(logits.device), text.num_classes, kind="cosine")
 
     def _slide(self, x: torch.Tensor, text: TextFeatures, context) -> torch.Tensor:
         ph, pw = self.output_patch

@@ -205,6 +205,11 @@ class RefinedModel(nn.Module):
 
     def refine(self, image: torch.Tensor) -> RefinerOutput:
         patch = self.patch_logits(image)
+        from ..refiners.refiner import DiscrepancyRefiner
+
+        if isinstance(self.refiner, DiscrepancyRefiner):
+            # the adapter knows what its numbers are (cosines, scores, ...): say so
+            return self.refiner(patch.per_class(), self._attention(image), image, kind=patch.kind)
         return self.refiner(patch.per_class(), self._attention(image), image)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

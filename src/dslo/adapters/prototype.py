@@ -173,7 +173,7 @@ class PrototypeAdapter(nn.Module):
             raise ValueError(f"prototype adapter: text features have dimension {text.features.shape[1]}, "
                              f"the prototypes {self.vectors.shape[1]}")
         logits = cosine_logits(self.features(image), text.features)
-        return PatchLogits(logits, text.query_to_class.to(logits.device), text.num_classes)
+        return PatchLogits(logits, text.query_to_class.to(logits.device), text.num_classes, kind="cosine")
 
     def extra_repr(self) -> str:
         return (f"classes={self.prototypes.num_classes}, layer={self.layer}, size={self.size}, "

@@ -374,9 +374,10 @@ class RefinedSegmentor(_RefiningSegmentor):
         stop_early: stop the wrapped forward once the layers are captured.
         attention: as ``OVSSSegmentor``; None uses the wrapped model's ``attention(image)``
             if it has one.
-        refiner: as ``OVSSSegmentor``. The refiner multiplies logits by ``logit_scale``
-            (default 100, right for cosine logits); use ``logit_scale=1.0`` for a trained
-            decode head, whose logits are already on a softmax scale.
+        refiner: as ``OVSSSegmentor``. The refiner tells the logits' form from their values
+            (``RefinerConfig.logits="auto"``: cosines are multiplied by 100, a decode head's
+            scores used as they are); ``logits="scores"`` says so explicitly, as the shipped
+            config does.
         checkpoint: weights of the wrapped segmentor (mmseg checkpoint), loaded with
             ``load_checkpoint``; ``trust_checkpoint`` allows full unpickling.
         device: as ``OVSSSegmentor``: the built segmentor (wrapped model included) is moved

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Literal, Optional
 
+from .records import LOGIT_KINDS
+
 __all__ = ["RefinerConfig", "Solver", "PathReading", "VelocityReading", "Upsample", "KernelDtype"]
 
 Solver = Literal["path", "velocity", "fusion", "kl", "propagate", "none", "pamr", "densecrf", "lposs", "lposs+"]
@@ -17,8 +19,10 @@ PathReading = Literal["relaxed", "joint", "paper"]
 VelocityReading = Literal["arrival", "paper"]
 Upsample = Literal["jbu", "bilinear"]
 KernelDtype = Literal["float32", "bfloat16", "float16"]
+LogitKind = Literal["auto", "cosine", "scores", "log_probs", "probs"]
 
 _CHOICES = {
+    "logits": LOGIT_KINDS,
     "solver": ("path", "velocity", "fusion", "kl", "propagate", "none", "pamr", "densecrf", "lposs", "lposs+"),
     "path_reading": ("relaxed", "joint", "paper"),
     "velocity_reading": ("arrival", "paper"),
@@ -97,10 +101,13 @@ class RefinerConfig:
             refused with a clear error rather than taking the machine down (None: no limit).
     """
 
-    logit_scale: float = 100.0
+    logit_scale: Optional[float] = None
+    logits: LogitKind = "auto"
     early_rejection: bool = True
     nms: bool = True
     nms_threshold: float = 0.9
+    nms_floor: float = 0.0
+    protect: Optional[float] = None
     solver: Solver = "velocity"
     ipf_iters: int = 15
     path_reading: PathReading = "relaxed"
@@ -137,7 +144,13 @@ class RefinerConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"RefinerConfig.{name}: expected one of {choices}, got {value!r}")
-        positive = ("logit_scale", "path_eps", "path_rho", "velocity_tau", "jbu_sigma_spatial2",
+        if self.logit_scale is not None and not float(self.logit_scale) > 0:
+            raise ValueError(f"RefinerConfig.logit_scale: expected > 0 or None, got {self.logit_scale!r}")
+        if self.protect is not None and not 0.0 < float(self.protect) <= 1.0:
+            raise ValueError(f"RefinerConfig.protect: expected in (0, 1] or None, got {self.protect!r}")
+        if not 0.0 <= float(self.nms_floor) <= 1.0:
+            raise ValueError(f"RefinerConfig.nms_floor: expected in [0, 1], got {self.nms_floor!r}")
+        positive = ("path_eps", "path_rho", "velocity_tau", "jbu_sigma_spatial2",
                     "jbu_sigma_range2", "path_tol")
         for name in positive:
             if not float(getattr(self, name)) > 0:

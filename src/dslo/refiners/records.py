@@ -13,6 +13,9 @@ from typing import Optional
 
 import torch
 
+#: what patch logits can be (``PatchLogits.kind``, ``RefinerConfig.logits``)
+LOGIT_KINDS = ("auto", "cosine", "scores", "log_probs", "probs")
+
 __all__ = ["Attention", "PatchLogits", "RefinerOutput", "check_image", "check_tensor", "check_maps_and_image"]
 
 #: Tolerance on attention row sums. Providers renormalise in float32, so rows sum to 1 within
@@ -222,11 +225,16 @@ class PatchLogits:
         query_to_class: (Q,) int64 in [0, C): the class each query belongs to; synonyms
             share a class. Default: identity (Q = C).
         num_classes: C; default ``max(query_to_class) + 1``.
+        kind: what the numbers are, so the refiner turns them into class probabilities the
+            right way: "cosine" (CLIP-style similarities in [-1, 1], times ``logit_scale``),
+            "scores" (a classifier's raw outputs), "log_probs", "probs", or "auto" (default:
+            the refiner tells them apart from the values, ``dslo.refiners.logit_forms``).
     """
 
     logits: torch.Tensor
     query_to_class: Optional[torch.Tensor] = None
     num_classes: Optional[int] = None
+    kind: str = "auto"
 
     def __post_init__(self) -> None:
         lg = check_tensor(self.logits, "PatchLogits.logits", 4, dims="(B, Q, h, w)")
@@ -248,6 +256,8 @@ class PatchLogits:
             raise ValueError(
                 f"PatchLogits.num_classes = {c} but query_to_class refers to class {int(qc.max())}"
             )
+        if self.kind not in LOGIT_KINDS:
+            raise ValueError(f"PatchLogits.kind: expected one of {LOGIT_KINDS}, got {self.kind!r}")
         object.__setattr__(self, "query_to_class", qc.to(lg.device))
         object.__setattr__(self, "num_classes", c)
 

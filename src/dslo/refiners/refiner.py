@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ from .config import RefinerConfig
 from .grid import resample_attention
 from .jbu import joint_bilateral_upsample
 from .kl import kl_uniform_map
+from .logit_forms import COSINE_SCALE, log_domain_logits
 from .path import joint_path_map, paper_path_map, relaxed_path_map
 from .products import KERNEL_DTYPES, row_matmul
 from .records import Attention, RefinerOutput, check_image, check_tensor
@@ -182,7 +183,8 @@ class DiscrepancyRefiner(nn.Module):
         m = att.matrix.float()
         return m.expand(b, -1, -1) if m.shape[0] != b else m
 
-    def forward(self, logits: torch.Tensor, attention: Union[Attention, torch.Tensor], image: torch.Tensor) -> RefinerOutput:
+    def forward(self, logits: torch.Tensor, attention: Union[Attention, torch.Tensor], image: torch.Tensor,
+                kind: Optional[str] = None) -> RefinerOutput:
         cfg = self.config
         check_tensor(logits, "logits", 4, dims="(B, C, h, w)")
         b, c, h, w = logits.shape
@@ -193,13 +195,17 @@ class DiscrepancyRefiner(nn.Module):
             raise ValueError(f"image: expected ({b}, 3, H, W) to match logits, got {tuple(image.shape)}")
         out_size = tuple(image.shape[-2:])
         device = logits.device
+        # the call's kind (what an adapter says it hands over) wins over the configured one
+        z, used = log_domain_logits(logits, cfg.logits if kind in (None, "auto") else kind, cfg.logit_scale)
         if cfg.solver in RIVALS:
-            return self._rival(logits, attention, image)
+            scale = cfg.logit_scale if cfg.logit_scale is not None else (COSINE_SCALE if used == "cosine" else 1.0)
+            return self._rival(z / scale, scale, attention, image)
         att = self._attention(attention, b, (h, w)).to(device) if cfg.solver not in ("none", "kl") else None
 
-        scaled = logits.float().flatten(2) * cfg.logit_scale  # (B, C, N)
+        scaled = z.flatten(2)  # (B, C, N)
         active = early_rejection(scaled) if cfg.early_rejection else torch.ones(b, c, dtype=torch.bool, device=device)
-        keep = nms_mask(scaled, cfg.nms_threshold) if cfg.nms else torch.ones(b, h * w, dtype=torch.bool, device=device)
+        keep = (nms_mask(scaled, cfg.nms_threshold, cfg.nms_floor) if cfg.nms
+                else torch.ones(b, h * w, dtype=torch.bool, device=device))
         # solve only for classes active in some image of the batch: early rejection is what
         # makes 150- or 171-class vocabularies cheap
         cols = active.any(0).nonzero().squeeze(1)
@@ -208,6 +214,10 @@ class DiscrepancyRefiner(nn.Module):
         probs = class_probabilities(sub_scaled, sub_active)
         maps = discrepancy_map(sub_scaled, probs, keep, att, cfg) if att is not None or cfg.solver in ("none", "kl") else None
         maps = maps * sub_active.unsqueeze(-1).to(maps.dtype)
+        if cfg.protect is not None and cfg.solver not in ("none",):
+            # where the model is sure, its own belief stands; the solver decides elsewhere
+            sure = (probs.amax(1) >= cfg.protect).unsqueeze(1)
+            maps = torch.where(sure, probs, _per_patch(maps))
         maps = maps.reshape(b, -1, h, w)
         if cfg.upsample == "jbu":
             up = joint_bilateral_upsample(maps, image.to(device), cfg.jbu_sigma_spatial2,
@@ -231,19 +241,20 @@ class DiscrepancyRefiner(nn.Module):
                       "map": torch.zeros(b, c, h, w, device=device).index_copy_(1, cols, maps)}
         return RefinerOutput(labels=labels, scores=scores, active=active, stages=stages)
 
-    def _rival(self, logits: torch.Tensor, attention, image: torch.Tensor) -> RefinerOutput:
-        """A rival post-processor (``rivals.py``) on the same inputs; every class stays active."""
-        b, c, h, w = logits.shape
+    def _rival(self, x: torch.Tensor, scale: float, attention, image: torch.Tensor) -> RefinerOutput:
+        """A rival post-processor (``rivals.py``) on logits x (B, C, h, w) as its public code
+        takes them (cosines stay cosines; other kinds in the log domain) with softmax(scale * x)
+        the class probabilities; every class stays active."""
+        b, c, h, w = x.shape
         needs_features = self.config.solver in ("lposs", "lposs+")
         att = self._attention(attention, b, (h, w)) if needs_features else None
-        scores = rival_scores(logits, att, image.to(logits.device), self.config)
+        scores = rival_scores(x, att, image.to(x.device), self.config.replace(logit_scale=scale))
         best, labels = scores.max(1)
         if not bool(torch.isfinite(best).all()):
             raise ValueError(f"DiscrepancyRefiner({self.config.solver!r}): non-finite scores at some pixel")
-        active = torch.ones(b, c, dtype=torch.bool, device=logits.device)
+        active = torch.ones(b, c, dtype=torch.bool, device=x.device)
         stages = {}
         if self.config.return_stages:
             # the rival's own output stands in for the discrepancy map (at image resolution)
-            stages = {"probabilities": torch.softmax(logits.float() * self.config.logit_scale, dim=1),
-                      "map": scores}
+            stages = {"probabilities": torch.softmax(x * scale, dim=1), "map": scores}
         return RefinerOutput(labels=labels, scores=scores, active=active, stages=stages)

@@ -26,22 +26,44 @@ def early_rejection(logits: torch.Tensor) -> torch.Tensor:
     return active
 
 
-def nms_mask(scaled: torch.Tensor, threshold: float) -> torch.Tensor:
+def nms_mask(scaled: torch.Tensor, threshold: float, floor: float = 0.0) -> torch.Tensor:
     """Patches whose top class probability over the full vocabulary reaches ``threshold``.
 
     The paper sets low-confidence patches to -inf before the softmax; multiplying the
     probabilities by this mask is the same and never produces NaN. When no patch of an image
     passes, every patch is kept (an all-rejected image would otherwise have no label at all).
 
+    ``floor`` guards under-confident models: of the patches each class wins, at least that
+    fraction (its most confident ones) is kept whatever the threshold, so no class that wins
+    patches loses every seed because the model's probabilities are flat (an absolute cut of
+    0.9 kept 23 % of a trained CNN's patches, nearly all sky, road and car, and the solvers
+    spread those over the image).
+
     Args:
-        scaled: (B, C, N) logits already multiplied by logit_scale.
+        scaled: (B, C, N) log-domain logits (softmax over C = class probabilities).
         threshold: confidence in [0, 1).
+        floor: fraction in [0, 1] of each class's argmax patches always kept.
 
     Returns:
         (B, N) bool.
     """
-    conf = torch.softmax(scaled, dim=1).amax(1)
+    probs = torch.softmax(scaled, dim=1)
+    conf, winner = probs.max(1)  # (B, N)
     keep = conf >= threshold
+    if floor > 0:
+        b, c, n = probs.shape
+        # rank of each patch's confidence among the patches its class wins (0 = most confident)
+        key = winner.to(conf.dtype) * 2.0 - conf  # groups by class, descending confidence inside
+        order = key.argsort(1)
+        rank_sorted = torch.arange(n, device=conf.device).expand(b, n)
+        counts = torch.zeros(b, c, dtype=torch.long, device=conf.device).scatter_add_(
+            1, winner, torch.ones_like(winner))
+        starts = counts.cumsum(1) - counts  # first sorted position of each class
+        sorted_winner = winner.gather(1, order)
+        rank_in_class = rank_sorted - starts.gather(1, sorted_winner)
+        quota = (counts.to(conf.dtype) * float(floor)).ceil().long().gather(1, sorted_winner)
+        keep_sorted = rank_in_class < quota
+        keep = keep | torch.zeros_like(keep).scatter_(1, order, keep_sorted)
     empty = ~keep.any(1, keepdim=True)
     return keep | empty
 

