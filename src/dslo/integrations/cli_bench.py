@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 
 from .cli_common import _cache_arg, _command_line, _fail, _options, _quietly, _rich_progress
+from .outputs import check_outputs
 
 
 def write_section(path: Path, section: str, body: str) -> None:
@@ -76,6 +77,7 @@ def bench_quality(
     # methods are separated by ","; a method's own options by ";" ("path:path_eps=0.25;path_rho=0.3")
     kinds = [k.strip() for k in logits.split(",") if k.strip()]
     try:
+        check_outputs({"--out": out}, {"--json-dir": json_dir}, inputs=[*data, examples, weights])
         sets = [load_dataset(d, limit=limit, match=_for_set(match, d.name, "--match"),
                              stride=int(_for_set(stride, d.name, "--stride", listed=False) or 1)) for d in data]
         sources = [build_source(k, examples=examples, layer=layer, examples_stride=examples_stride,

@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 
 from .cli_common import _DEFAULT_SIZE, _cache_arg, _fail, _model_options, _options, _quietly, _rich_progress
+from .outputs import check_outputs
 
 
 def read_image(path: Path):
@@ -116,6 +117,7 @@ def refine(
     import dslo
 
     try:
+        check_outputs({"--out": out, "--figure": figure}, inputs=[logits, image, weights])
         lg = read_logits(logits)
         img = read_image(image)
         if lg.shape[0] != 1:
@@ -130,7 +132,7 @@ def refine(
             from .figures import stage_figure
 
             stage_figure(img[0], {solver: out_}, names, figure)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         _fail(str(exc))
     present = sorted(set(out_.labels.unique().tolist()))
     typer.echo(f"wrote {out} ({out_.labels.shape[1]}x{out_.labels.shape[2]}, classes {[names[k] for k in present]})")
@@ -207,6 +209,8 @@ def segment(
     from .pipeline import build_pipeline
 
     try:
+        check_outputs({"--out": out, "--figure": figure},
+                      inputs=[image, examples, prototypes, classes, model, pretrained, weights_dir, attention_weights])
         img = read_image(image)
         is_prototype = adapter.strip().lower() in ("prototype", "prototypes")
         if is_prototype:
@@ -239,7 +243,7 @@ def segment(
 
             stage_figure(img[0], {solver: result}, names, figure)
         write_mask(result.labels[0], out)
-    except (ValueError, ImportError) as exc:
+    except (ValueError, ImportError, OSError) as exc:
         _fail(str(exc))
     present = sorted(set(result.labels.unique().tolist()))
     typer.echo(f"wrote {out} ({result.labels.shape[1]}x{result.labels.shape[2]}, classes {[names[k] for k in present]})")
