@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._cachefile import folder_problem, read_entry, warn
 from .prototype_features import _check_layer, _load, _num_layers, _resolve_model, layer_features
-from .prototype_record import _FORMAT, Prototypes
+from .prototype_record import _FORMAT, Prototypes, check_long_side
 
 __all__ = ["ExampleFolder", "read_examples", "build_prototypes", "patch_labels", "default_prototype_dir"]
 
@@ -331,8 +332,7 @@ def build_prototypes(
     min_cover = float(min_cover)
     if missing not in ("raise", "drop"):
         raise ValueError(f"missing: expected 'raise' or 'drop', got {missing!r}")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"size: expected a positive long side in pixels or None, got {size!r}")
+    check_long_side(size)
     module, weights = _resolve_model(model)
     folder = read_examples(examples, ids=ids, ignore_label=ignore_label)
     if module is not None:
@@ -347,14 +347,13 @@ def build_prototypes(
         cache = Path(cache_dir).expanduser() if cache_dir not in (None, True) else default_prototype_dir()
         key = _cache_key(folder, layer=layer, size=size, min_cover=min_cover, missing=missing,
                          weights_id=_weights_identity(module, weights))
-        path = _cache_path(cache, key)
-        if path.is_file():
-            try:
-                hit = Prototypes.load(path)
-            except ValueError:
-                hit = None  # a damaged entry: rebuild and replace it
-            if hit is not None and hit.key == key:
-                return hit
+        hit = _cached(_cache_path(cache, key), key)
+        if hit is not None:
+            return hit
+        problem = folder_problem(cache)
+        if problem:  # said before the build, which takes minutes
+            warn(f"prototype cache: cannot use {cache} ({problem}); building without the cache")
+            cache = None
 
     if module is None:
         module = _load(weights)
@@ -394,5 +393,23 @@ def build_prototypes(
     result = Prototypes(vectors, [folder.class_names[k] for k in keep], counts[keep], layer, size, key,
                         weights, min_cover)
     if cache is not None:
-        result.save(_cache_path(cache, key))
+        try:
+            result.save(_cache_path(cache, key))
+        except OSError as exc:
+            warn(f"prototype cache: cannot write {_cache_path(cache, key)} ({type(exc).__name__}: "
+                 f"{exc.strerror or exc}); the prototypes are not cached")
     return result
+
+
+def _cached(path: Path, key: str) -> Optional[Prototypes]:
+    """The prototypes cached at ``path`` for ``key``, or None: absent (silently), or damaged,
+    foreign, of another key (said in one warning line naming the file: it is rebuilt)."""
+    data, reason = read_entry(path, _FORMAT, key)
+    if data is not None:
+        try:
+            return Prototypes.load(path)
+        except ValueError as exc:
+            reason = f"invalid ({' '.join(str(exc).split())[:160]})"
+    if reason:
+        warn(f"prototype cache: entry {path} {reason}; rebuilding it")
+    return None
