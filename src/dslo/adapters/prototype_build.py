@@ -28,6 +28,7 @@ from torch import nn
 from .._cachefile import folder_problem, read_entry, warn
 from .prototype_features import _check_layer, _load, _num_layers, _resolve_model, layer_features
 from .prototype_record import _FORMAT, Prototypes, check_long_side
+from .vocab import read_class_lines
 
 __all__ = ["ExampleFolder", "read_examples", "build_prototypes", "patch_labels", "default_prototype_dir"]
 
@@ -76,17 +77,14 @@ class ExampleFolder:
             ValueError: unreadable file, a mask of another size than its image, or a mask
                 value that is neither a class nor the ignore label.
         """
-        from PIL import Image
+        from .image_files import read_label_map, read_rgb
 
         image_path, mask_path = self.images[index], self.masks[index]
         try:
-            img = np.asarray(Image.open(image_path).convert("RGB"), dtype=np.float32) / 255.0
-            raw = np.asarray(Image.open(mask_path))
-        except OSError as exc:
-            raise ValueError(f"examples {self.root}: cannot read {self.ids[index]}: {exc}") from None
-        if raw.ndim != 2:
-            raise ValueError(f"examples {self.root}: mask {mask_path.name} has shape {raw.shape}, "
-                             "expected a single-channel label map")
+            img = read_rgb(image_path, "example image")
+            raw = read_label_map(mask_path, "example mask")
+        except ValueError as exc:
+            raise ValueError(f"examples {self.root}: {exc}") from None
         if raw.shape != img.shape[:2]:
             raise ValueError(f"examples {self.root}: image {image_path.name} is {img.shape[1]}x{img.shape[0]} "
                              f"but its mask {mask_path.name} is {raw.shape[1]}x{raw.shape[0]} (W x H); "
@@ -133,11 +131,7 @@ def read_examples(
     for part in ("images", "masks", "classes.txt"):
         if not (root / part).exists():
             raise ValueError(f"examples {root}: expected images/, masks/ and classes.txt; {part} is missing")
-    names = [ln.strip() for ln in (root / "classes.txt").read_text().splitlines()]
-    while names and not names[-1]:
-        names.pop()
-    if not names or any(not n for n in names):
-        raise ValueError(f"examples {root}: classes.txt must list one non-empty class name per line")
+    names = read_class_lines(root / "classes.txt")
     if ignore_label is None:
         ignore = (len(names), 255)
     elif isinstance(ignore_label, bool) or not isinstance(ignore_label, (int, np.integer)) or not 0 <= ignore_label < 65536:

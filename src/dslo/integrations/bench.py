@@ -61,15 +61,18 @@ class Dataset:
         return len(self.ids)
 
     def load(self, sample_id: str) -> Sample:
-        from PIL import Image
+        from ..adapters.image_files import read_label_map, read_rgb
 
         imgs = sorted((self.root / "images").glob(f"{sample_id}.*"))
         if not imgs:
             raise ValueError(f"{self.name}: no image for id {sample_id!r} in {self.root / 'images'}")
-        img = np.asarray(Image.open(imgs[0]).convert("RGB"), dtype=np.float32) / 255.0
-        mask = np.asarray(Image.open(self.root / "masks" / f"{sample_id}.png"))
-        if mask.ndim != 2 or mask.shape != img.shape[:2]:
+        img = read_rgb(imgs[0])
+        mask = read_label_map(self.root / "masks" / f"{sample_id}.png")
+        if mask.shape != img.shape[:2]:
             raise ValueError(f"{self.name}/{sample_id}: mask {mask.shape} does not match image {img.shape[:2]}")
+        if mask.max(initial=0) >= len(self.lut):
+            raise ValueError(f"{self.name}/{sample_id}: mask values up to {mask.max()}; expected labels "
+                             f"0..{len(self.lut) - 1} (classes.txt lines or the ignore label)")
         return Sample(sample_id, torch.from_numpy(img).permute(2, 0, 1).contiguous(),
                       torch.from_numpy(self.lut[mask.astype(np.int64)]))
 
@@ -94,7 +97,9 @@ def load_dataset(root: str | Path, ignore_label: Optional[int] = None, limit: Op
     for part in ("images", "masks", "classes.txt"):
         if not (root / part).exists():
             raise ValueError(f"dataset {root}: expected images/, masks/ and classes.txt; {part} is missing")
-    names = [ln.strip() for ln in (root / "classes.txt").read_text().splitlines() if ln.strip()]
+    from ..adapters.vocab import read_class_lines
+
+    names = read_class_lines(root / "classes.txt", unique=False)  # ADE20K-150 names "screen" twice
     ignore = KNOWN_IGNORE.get(root.name, 255) if ignore_label is None else int(ignore_label)
     kept = [k for k in range(len(names)) if k != ignore]
     lut = np.full(256, 255, dtype=np.int64)

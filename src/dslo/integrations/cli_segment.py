@@ -16,17 +16,11 @@ from .outputs import check_outputs
 
 def read_image(path: Path):
     """RGB image file -> (1, 3, H, W) float in [0, 1]; ValueError when unreadable."""
-    import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
 
-    if not Path(path).is_file():
-        raise ValueError(f"image not found: {path}")
-    try:
-        arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+    from ..adapters.image_files import read_rgb
+
+    return torch.from_numpy(read_rgb(path)).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
 def read_logits(path: Path):
