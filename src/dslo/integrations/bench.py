@@ -118,6 +118,32 @@ def load_dataset(root: str | Path, ignore_label: Optional[int] = None, limit: Op
     return Dataset(root.name, root, [names[k] for k in kept], ids, ignore, 255, lut)
 
 
+def drop_examples(dataset: Dataset, source) -> tuple[Dataset, int]:
+    """``dataset`` without the images that are copies of the examples ``source`` was built
+    from (same file bytes or same decoded pixels, under any name or folder), and how many were
+    dropped. Sources without ``fingerprints`` (simulated, regions) keep every image.
+
+    A model scored on its own examples flatters every refiner; comparing folder paths misses
+    a copy, so the comparison is by content.
+    """
+    import dataclasses
+
+    from .sources import image_fingerprint
+
+    prints = getattr(source, "fingerprints", None)
+    if prints is None:
+        return dataset, 0
+    kept = []
+    for sample_id in dataset.ids:
+        image = sorted((dataset.root / "images").glob(f"{sample_id}.*"))
+        if image:
+            by_bytes, by_pixels = image_fingerprint(image[0])
+            if by_bytes in prints.files or by_pixels in prints.pixels:
+                continue
+        kept.append(sample_id)
+    return dataclasses.replace(dataset, ids=kept), len(dataset.ids) - len(kept)
+
+
 def _seed(*parts: object) -> int:
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)

@@ -66,7 +66,7 @@ def bench_quality(
     """
     from rich.progress import track
 
-    from ..integrations.bench import init_distributed, load_dataset, quality_table, run_quality
+    from ..integrations.bench import drop_examples, init_distributed, load_dataset, quality_table, run_quality
     from ..integrations.pipeline import build_provider, provider_weights
     from ..integrations.provenance import environment, provenance_lines
     from ..integrations.sources import build_source
@@ -91,10 +91,18 @@ def bench_quality(
                                   cache=_cache_arg(cache, cache_dir), lazy=True)
         produced = provenance_lines(environment(), [provider_weights(attention, weights)])
         results = {}
+        excluded, scored = [], {}
         for src in sources:
             for ds in sets:
                 if not _source_fits(src, ds):
                     continue
+                ds, dropped = drop_examples(ds, src)  # copies of the prototypes' examples, by content
+                if getattr(src, "fingerprints", None) is not None:
+                    excluded.append(f"{src.name.split(' ')[0]} {ds.name}: {dropped} image(s) identical to a "
+                                    f"prototype example (bytes or pixels) excluded, {len(ds)} scored.")
+                if not ds.ids:
+                    raise ValueError(f"bench quality: every image of {ds.name} is one of the prototypes' examples")
+                scored[ds.name] = len(ds)
                 # one source: json_dir/SET as before; several: json_dir/SOURCE/SET
                 json_sub = None if json_dir is None else (
                     json_dir / ds.name if len(sources) == 1 else json_dir / src.name.split(" ")[0] / ds.name)
@@ -105,9 +113,9 @@ def bench_quality(
         _fail(str(exc))
     if not results:
         _fail("bench quality: no (logit source, data set) pair to score: prototype classes match none of the sets")
-    sizes = {ds.name: len(ds) for ds in sets}
+    sizes = {ds.name: scored.get(ds.name, len(ds)) for ds in sets}
     table = quality_table(results, method_list, sizes, title=title, command=_command_line(ctx))
-    table = table.rstrip() + "\n\n" + "\n".join(produced) + "\n"
+    table = table.rstrip() + "\n\n" + "\n".join(excluded + produced) + "\n"
     if rank != 0:
         return
     typer.echo(table)

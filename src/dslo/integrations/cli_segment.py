@@ -148,7 +148,7 @@ def _parse_classes(classes: str):
     return names, names
 
 
-def _prototype_options(examples: Optional[Path], prototypes: Optional[Path], layer: int, size: Optional[str],
+def _prototype_options(examples: Optional[Path], prototypes: Optional[Path], layer: Optional[int], size: Optional[str],
                        model: Optional[str], adapter_option) -> dict:
     """--examples / --prototypes / --layer / --size for the prototype adapter.
 
@@ -168,11 +168,25 @@ def _prototype_options(examples: Optional[Path], prototypes: Optional[Path], lay
     if model is not None:
         opts["model"] = model
     if examples is not None:
-        opts.update(examples=examples, layer=layer, progress=_rich_progress())
+        opts.update(examples=examples, layer=8 if layer is None else layer, progress=_rich_progress())
     else:
+        _check_file_layer(prototypes, layer)
         opts["prototypes"] = prototypes
     opts.update(_options(adapter_option))
     return opts
+
+
+def _check_file_layer(prototypes: Path, layer: Optional[int]) -> None:
+    """--layer with --prototypes must be the file's own layer: a prototype file runs at the
+    layer it was built at, so another value would be silently ignored."""
+    if layer is None:
+        return
+    from ..adapters.prototype_record import Prototypes
+
+    built = Prototypes.load(prototypes).layer
+    if layer != built:
+        _fail(f"--layer {layer}: the prototypes in {prototypes} were built at layer {built} and run there; "
+              "drop --layer, or build prototypes at that layer with --examples DIR --layer " + str(layer))
 
 
 @_quietly
@@ -183,7 +197,7 @@ def segment(
     attention: str = typer.Option("sd2", help="sd2, dinov2, clip, affinity (no model), own (the adapter's)"),
     examples: Optional[Path] = typer.Option(None, help="prototype adapter: annotated examples (images/, masks/, classes.txt); prototypes are built once and cached"),
     prototypes: Optional[Path] = typer.Option(None, help="prototype adapter: a prototype file (Prototypes.save) instead of --examples"),
-    layer: int = typer.Option(8, help="prototype adapter with --examples: ViT hidden layer of the features (0 = embeddings, 1..12)"),
+    layer: Optional[int] = typer.Option(None, help="prototype adapter with --examples: ViT hidden layer of the features (0 = embeddings, 1..12; default 8); with --prototypes: the file's own layer"),
     solver: str = typer.Option("velocity", help="velocity, path, fusion, kl, propagate, none; solver:field=value,... for RefinerConfig fields"),
     out: Path = typer.Option(Path("mask.png"), help="label PNG (class indices in --classes order; prototype without --classes: classes.txt order)"),
     figure: Optional[Path] = typer.Option(None, help="also write a figure of the stages (PNG)"),
@@ -205,6 +219,10 @@ def segment(
     try:
         check_outputs({"--out": out, "--figure": figure},
                       inputs=[image, examples, prototypes, classes, model, pretrained, weights_dir, attention_weights])
+        if device is not None:
+            from ..attention.base import resolve_device
+
+            resolve_device(device)  # one line now, not "Found no NVIDIA driver" from deep in torch
         img = read_image(image)
         is_prototype = adapter.strip().lower() in ("prototype", "prototypes")
         if is_prototype:
