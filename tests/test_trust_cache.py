@@ -224,3 +224,92 @@ def test_cache_info_and_clear_cover_the_prototype_cache(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["cache", "clear", "--cache-dir", str(cache_dir)])
     assert "removed 1 prototype sets" in res.output
     assert not list((cache_dir / "prototypes").rglob("*.pt"))
+
+
+@pytest.mark.parametrize("damage", ["edited number", "a list", "not json"])
+def test_a_damaged_versatility_cell_is_recomputed_not_reused(tmp_path, damage):
+    from test_provenance import _ade, _invoke, _tiny_clip
+
+    cfg, ckpt = _tiny_clip(tmp_path, 0)
+    data = _ade(tmp_path / "data")
+    results = tmp_path / "results"
+    args = ["versatility", "--adapters", "clip", "--solvers", "none", "--attention", "affinity", "--datasets",
+            "ade20k", "--data-root", data, "--stand-in-root", tmp_path / "no-stand-ins", "--limit", "1",
+            "--model", cfg, "--pretrained", ckpt, "--size", "32x32", "--adapter-option", "templates=a {}.",
+            "--results-dir", results, "--cache-dir", tmp_path / "cache", "--no-plot"]
+    assert _invoke(args).exit_code == 0
+    cell = results / "versatility" / "ade20k" / "clip__-__none.json"
+    good = json.loads(cell.read_text())
+    if damage == "edited number":
+        cell.write_text(json.dumps({**good, "miou": 99.99}))
+    elif damage == "a list":
+        cell.write_text("[1, 2]")
+    else:
+        cell.write_text("{ half a cell")
+    res = _invoke(args)
+    assert res.exit_code == 0, res.output
+    assert "recompute ade20k clip - none" in res.output and "damaged" in res.output
+    again = json.loads(cell.read_text())
+    assert again["miou"] == good["miou"] and "99.99" not in (results / "versatility.md").read_text()
+
+
+def test_text_cache_never_serves_a_damaged_or_misplaced_entry(tmp_path, capsys):
+    from dslo.adapters.text_cache import TextFeatureCache, resolve_text_cache
+
+    cache = TextFeatureCache(tmp_path / "text")
+    names, temps = [["cat"], ["dog"]], ["a {}."]
+    feats = F_normalize(torch.rand(2, 16))
+    key_a = TextFeatureCache.key(weights="w", model_class="M", tokenizer="t", class_names=names, templates=temps)
+    key_b = TextFeatureCache.key(weights="w2", model_class="M", tokenizer="t", class_names=names, templates=temps)
+    path_a = cache.put(key_a, feats, class_names=names, templates=temps)
+    path_b = cache.put(key_b, feats.flip(0), class_names=names, templates=temps)
+    assert torch.equal(cache.get(key_a).features, feats)
+    raw = path_a.read_bytes()
+    start = raw.find(feats.numpy().tobytes()[:16])
+    flipped = bytearray(raw)
+    flipped[start + 20] ^= 0x10
+    path_a.write_bytes(bytes(flipped))
+    capsys.readouterr()
+    assert cache.get(key_a) is None
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "digest" in err and str(path_a) in err
+    path_a.write_bytes(path_b.read_bytes())  # another vocabulary's entry copied over
+    assert cache.get(key_a) is None and "another key" in capsys.readouterr().err
+    # a folder that cannot be used: one warning, no cache, no traceback
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert resolve_text_cache(blocker / "text") is None
+    assert capsys.readouterr().err.count("cannot use") == 1
+
+
+def F_normalize(x):
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def test_cache_info_and_clear_cover_the_hash_memo(tmp_path, monkeypatch):
+    from dslo.integrations import provenance
+
+    monkeypatch.setenv("DSLO_CACHE", str(tmp_path))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"w" * 100)
+    provenance.file_record(weights)
+    res = CliRunner().invoke(app, ["cache", "info"])
+    assert res.exit_code == 0 and "sha256 of 1 weight files" in res.output, res.output
+    res = CliRunner().invoke(app, ["cache", "clear"])
+    assert res.exit_code == 0 and not (tmp_path / "file-hashes.json").exists() and weights.exists()
+
+
+def test_a_write_failure_mid_run_turns_the_cache_off_with_one_warning(tmp_path, monkeypatch):
+    from dslo.integrations import cache as cache_module
+
+    logs = []
+    cached = CachedProvider(_Counting(), AttentionCache(tmp_path / "c", log=logs.append), "x", log=logs.append)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_module, "save_entry", full)
+    for seed in range(3):
+        out = cached(torch.rand(1, 3, 28, 28, generator=torch.Generator().manual_seed(seed)))
+        assert out.matrix.shape[-1] == out.grid[0] * out.grid[1]
+    assert len(logs) == 1 and "No space left" in logs[0] and "without the cache" in logs[0]

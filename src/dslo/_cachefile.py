@@ -21,6 +21,7 @@ import hashlib
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -94,7 +95,9 @@ def read_entry(path: Union[str, Path], fmt: str, key: Optional[str]) -> tuple[Op
     if not path.is_file():
         return None, ""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own notes on foreign pickles: the reason below says it
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncation, pickles, random bytes: all unreadable
         return None, f"unreadable ({type(exc).__name__})"
     if not isinstance(data, dict) or data.get("format") != fmt:

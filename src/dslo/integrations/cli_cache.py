@@ -1,6 +1,7 @@
 """``dslo cache info`` / ``dslo cache clear``: every cache dslo writes (registered on
 ``cache_app`` in ``cli.py``): the attention cache, and beside it the encoded-vocabulary cache
-(``text/``) and the prototype cache (``prototypes/``).
+(``text/``), the prototype cache (``prototypes/``) and the weight-file hash memo
+(``file-hashes.json``).
 
 Only files dslo made are listed or deleted (named and shaped as its entries); metadata that
 cannot be read (a hand-edited or truncated ``about.json``) is shown as unknown, never a crash.
@@ -32,6 +33,10 @@ def cache_clear(cache_dir: Optional[Path] = typer.Option(None, help="cache folde
         path.unlink(missing_ok=True)
         removed += 1
     typer.echo(f"removed {removed} prototype sets from {root}")
+    memo = _hash_memo(cache_dir)
+    if memo is not None:
+        memo[0].unlink(missing_ok=True)
+        typer.echo(f"removed the weight-file hash memo {memo[0]} ({len(memo[1])} files)")
 
 
 def _text(value, limit: int = 80) -> str:
@@ -89,6 +94,24 @@ def cache_info(cache_dir: Optional[Path] = typer.Option(None, help="cache folder
             continue
         typer.echo(f"  {path.stem[:16]}: {p.num_classes} classes, layer {p.layer}, long side {p.size}, "
                    f"weights {p.weights}, {int(p.counts.sum())} example patches")
+    memo = _hash_memo(cache_dir)
+    if memo is not None:
+        typer.echo(f"{memo[0]}: sha256 of {len(memo[1])} weight files (recomputed when a file changes)")
+
+
+def _hash_memo(cache_dir: Optional[Path]):
+    """``(path, entries)`` of the weight-file hash memo (``provenance.file_record``) in the cache
+    folder, when it is one dslo wrote (a JSON object of digests); else None."""
+    from .provenance import cache_base
+
+    path = (cache_dir if cache_dir is not None else cache_base()) / "file-hashes.json"
+    try:
+        memo = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(memo, dict) or not all(isinstance(v, str) for v in memo.values()):
+        return None
+    return path, memo
 
 
 def _text_root(cache_dir: Optional[Path]) -> Optional[Path]:
