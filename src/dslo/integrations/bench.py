@@ -323,9 +323,14 @@ def init_distributed() -> tuple[int, int]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from .outputs import temporary_sibling
+
+    tmp = temporary_sibling(path)  # a unique name: a fixed "NAME.tmp" may be someone's file
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def quality_table(results: dict, methods: Sequence[str], sizes: dict, *, title: str = "", command: str = "") -> str:

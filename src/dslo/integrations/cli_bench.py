@@ -11,14 +11,16 @@ from typing import List, Optional
 import typer
 
 from .cli_common import _cache_arg, _command_line, _fail, _options, _quietly, _rich_progress
-from .outputs import check_outputs
+from .outputs import check_outputs, temporary_sibling
 
 
 def write_section(path: Path, section: str, body: str) -> None:
     """Replace (or append) the block between ``<!-- begin NAME -->`` and ``<!-- end NAME -->``
     of a markdown file, atomically, so several commands can fill one results file."""
     begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
-    text = path.read_text() if path.exists() else ""
+    from ..adapters.vocab import read_text_file
+
+    text = read_text_file(path, "--out") if path.exists() else ""
     block = f"{begin}\n{body.rstrip()}\n{end}"
     if begin in text and end in text:
         head, _, rest = text.partition(begin)
@@ -26,10 +28,12 @@ def write_section(path: Path, section: str, body: str) -> None:
         text = head + block + tail
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    tmp = temporary_sibling(path)  # a unique name: a fixed "NAME.tmp" may be someone's file
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @_quietly
@@ -78,6 +82,10 @@ def bench_quality(
     kinds = [k.strip() for k in logits.split(",") if k.strip()]
     try:
         check_outputs({"--out": out}, {"--json-dir": json_dir}, inputs=[*data, examples, weights])
+        if out is not None and out.is_file():
+            from ..adapters.vocab import read_text_file
+
+            read_text_file(out, "--out")  # its other sections are kept: it must read as text, now
         sets = [load_dataset(d, limit=limit, match=_for_set(match, d.name, "--match"),
                              stride=int(_for_set(stride, d.name, "--stride", listed=False) or 1)) for d in data]
         sources = [build_source(k, examples=examples, layer=layer, examples_stride=examples_stride,

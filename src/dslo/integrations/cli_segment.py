@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from .cli_common import _DEFAULT_SIZE, _cache_arg, _fail, _model_options, _options, _quietly, _rich_progress
-from .outputs import check_outputs
+from .outputs import check_outputs, temporary_sibling
 
 
 def read_image(path: Path):
@@ -67,10 +67,12 @@ def write_mask(labels, path: Path) -> None:
     img = Image.fromarray(arr.astype(np.uint8), mode="L") if arr.max(initial=0) < 256 else \
         Image.fromarray(arr.astype(np.uint16))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    img.save(tmp)
-    tmp.replace(path)
+    tmp = temporary_sibling(path)  # a unique name: "mask.tmp.png" may be someone's input
+    try:
+        img.save(tmp, format="PNG")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _class_list(classes: Optional[str], count: int) -> list:

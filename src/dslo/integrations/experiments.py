@@ -71,11 +71,15 @@ __all__ = [
 def atomic_write_text(path: Union[str, Path], text: str) -> Path:
     """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``, so a
     crash never leaves a half-written file and readers see the old or the new content."""
+    from .outputs import temporary_sibling
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    tmp = temporary_sibling(path)  # unique across processes and never an existing file
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -10,8 +10,11 @@ the option:
   folder): predictions written there could replace ground-truth masks;
 - an output folder equal to an input file or folder;
 - two outputs naming the same file;
-- an output file that is an existing folder, or whose parent is a file or cannot be written
-  (otherwise the run would fail only after the work, at the last step).
+- an output file that is an existing folder or device, or whose parent is a file or cannot be
+  written (otherwise the run would fail only after the work, at the last step).
+
+``temporary_sibling(path)``: the unique temporary file atomic writers write before renaming
+over ``path`` (a fixed name like ``mask.tmp.png`` could be an input).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
-__all__ = ["check_outputs"]
+__all__ = ["check_outputs", "temporary_sibling"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -50,6 +53,9 @@ def _existing_ancestor(path: Path) -> Path:
 def _check_writable(option: str, path: Path, folder: bool) -> None:
     if not folder and path.is_dir():
         raise ValueError(f"{option} {path}: is a folder; expected a file path to write")
+    if not folder and path.exists() and not path.is_file():
+        raise ValueError(f"{option} {path}: exists and is not a regular file (a device, a pipe); it would be "
+                         "replaced by a file")
     if folder and path.exists() and not path.is_dir():
         raise ValueError(f"{option} {path}: is a file; expected a folder")
     parent = path if folder else path.parent
@@ -111,3 +117,23 @@ def check_outputs(files: Optional[Mapping[str, Optional[PathLike]]] = None,
                 raise ValueError(f"{option} {path}: is or lies inside the input folder {given}; write outputs "
                                  "outside the folders dslo reads")
         _check_writable(option, path, folder=True)
+
+
+def temporary_sibling(path: PathLike) -> Path:
+    """A new, empty file beside ``path`` with a name no other file has (``mkstemp``), keeping
+    ``path``'s suffix so writers that pick the format by extension (PIL, matplotlib) still do.
+
+    Atomic writers write here and rename over ``path``. A fixed temporary name such as
+    ``mask.tmp.png`` would overwrite whatever file already has that name, an input included.
+    The file gets the mode a plain ``open`` would give (0666 minus the umask), not mkstemp's 0600.
+    """
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    return Path(tmp)
