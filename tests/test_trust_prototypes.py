@@ -184,3 +184,19 @@ def test_a_plain_dinov2_folder_named_by_a_file_still_loads(tmp_path, tiny):
     _protos(weights=str(folder)).save(path)
     adapter = PrototypeAdapter(path)
     assert adapter(torch.rand(1, 3, 56, 56)).logits.shape[:2] == (1, 3)
+
+
+def test_a_pickled_prototype_file_is_refused_without_advice_to_unpickle(tmp_path):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    path = tmp_path / "p.pt"
+    path.write_bytes(pickle.dumps({"format": "dslo-prototypes/1", "vectors": Evil()}))
+    with pytest.raises(ValueError, match="cannot read prototype file") as err:
+        Prototypes.load(path)
+    assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "ran").exists()

@@ -12,6 +12,7 @@ it names are checked before anything is loaded (``prototype_features.check_file_
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -149,9 +150,13 @@ class Prototypes:
         if not path.is_file():
             raise ValueError(f"prototype file not found: {path}")
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # unpickling errors come in many types
-            raise ValueError(f"cannot read prototype file {path}: {type(exc).__name__}: {exc}") from None
+            # not torch's own text: it advises weights_only=False, which would run the file's code
+            raise ValueError(f"cannot read prototype file {path}: not a torch file of plain tensors and lists "
+                             f"({type(exc).__name__}); a prototype file holds no code and none is ever run") from None
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a dslo prototype file (expected format {_FORMAT!r})")
         if "digest" in data:  # files written before digests existed have none
