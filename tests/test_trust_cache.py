@@ -160,6 +160,8 @@ def test_cache_folder_that_is_a_file_runs_without_cache_after_one_warning(tmp_pa
     assert len(warnings) == 1 and "running without the cache" in warnings[0] and str(blocker) in warnings[0]
     assert blocker.read_text() == "mine"
     # DSLO_CACHE naming a file: the same, for the default location
+    blocker = tmp_path / "another-file"
+    blocker.write_text("mine")
     monkeypatch.setenv("DSLO_CACHE", str(blocker))
     res = CliRunner().invoke(app, ["bench", "quality", "--data", str(data), "--attention", "affinity",
                                    "--methods", "raw+bilinear"])

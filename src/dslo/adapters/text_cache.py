@@ -68,6 +68,10 @@ TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_fina
 _TOKENIZER_PROBE = ["a photo of a traffic light.", "Crème brûlée, 2 PEOPLE & a dog-sled!"]
 
 
+#: (folder, problem) already said by ``TextFeatureCache.usable`` in this process
+_SAID: set = set()
+
+
 def default_text_cache_dir() -> Path:
     """``$DSLO_CACHE/text`` or ``~/.cache/dslo/text``."""
     root = os.environ.get("DSLO_CACHE")
@@ -287,7 +291,8 @@ class TextFeatureCache:
     def usable(self) -> bool:
         """Whether the folder can hold entries (created when absent); False with one warning."""
         problem = folder_problem(self.root)
-        if problem:
+        if problem and (str(self.root), problem) not in _SAID:
+            _SAID.add((str(self.root), problem))  # every adapter of a grid resolves the cache: said once
             warn(f"text cache: cannot use {self.root} ({problem}); running without the cache")
         return problem is None
 

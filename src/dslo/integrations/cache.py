@@ -49,6 +49,9 @@ CACHE_FORMAT = "dslo-attention-v4"
 #: the file in each group folder describing what produced its entries
 ABOUT = "about.json"
 
+#: (folder, problem) already said by ``AttentionCache.usable`` in this process
+_SAID: set = set()
+
 
 def _is_hex(name: str, length: int) -> bool:
     return len(name) == length and all(c in "0123456789abcdef" for c in name)
@@ -120,7 +123,9 @@ class AttentionCache:
         one warning says so and the cache is off for this object: a run goes on without it."""
         if self.disabled is None:
             problem = folder_problem(self.root)
-            if problem:
+            if problem and (str(self.root), problem) not in _SAID:
+                # a grid wraps a provider per (data set, adapter): the folder is said once per process
+                _SAID.add((str(self.root), problem))
                 self.log(f"attention cache: cannot use {self.root} ({problem}); running without the cache")
             self.disabled = problem is not None
         return not self.disabled

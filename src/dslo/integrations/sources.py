@@ -146,7 +146,7 @@ def build_source(
     adapter = PrototypeAdapter(protos, model=model, size=size)
     prints = example_fingerprints(root, ids)
     name = (f"prototype (layer {layer}, {len(ids)} examples of {root.name}, examples sha256 {prints.digest[:12]}, "
-            f"prototypes key {protos.key[:12] or '-'})")
+            f"prototypes key {getattr(protos, 'key', '')[:12] or '-'})")
     source = PrototypeLogits(adapter, examples=root, exclude=set(ids), name=name)
     source.fingerprints = prints
     return source
