@@ -3,6 +3,9 @@ a message naming what was expected, or returns a defined result with no NaN."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -18,6 +21,46 @@ from dslo.refiners.velocity import doubly_stochastic
 from conftest import blob_problem, random_attention
 
 L, A, IMG, _ = blob_problem()
+
+
+_FILES = tempfile.TemporaryDirectory(prefix="dslo-catalogue-")  # removed when the session ends
+
+
+def _file(name: str, data: bytes):
+    """A small data file written for one case (cases run lazily, in any order)."""
+    path = Path(tempfile.mkdtemp(dir=_FILES.name)) / name
+    path.write_bytes(data)
+    return path
+
+
+def _protos(**kw):
+    from dslo.adapters.prototype_record import Prototypes
+
+    args = dict(vectors=torch.nn.functional.normalize(torch.rand(2, 8), dim=1), class_names=["a", "b"],
+                counts=torch.tensor([1, 2]), layer=2)
+    args.update(kw)
+    return Prototypes(**args)
+
+
+def _load_protos_naming(weights):
+    from dslo.adapters.prototype import PrototypeAdapter
+
+    path = _file("p.pt", b"")
+    _protos(weights=str(weights)).save(path)
+    return PrototypeAdapter(path)
+
+
+def _folder_with_code():
+    folder = _file("config.json", b'{"model_type": "x", "auto_map": {"AutoModel": "m.M"}}').parent
+    (folder / "m.py").write_text("raise SystemExit('ran')\n")
+    return folder
+
+
+def _out_is_input():
+    from dslo.integrations.outputs import check_outputs
+
+    f = _file("photo.png", b"a photo")
+    return check_outputs({"--out": f.parent / "x" / ".." / "photo.png"}, inputs=[f])
 
 
 def refine(logits=L, attention=A, image=IMG, **kw):
@@ -64,6 +107,21 @@ CASES = [
         else (_ for _ in ()).throw(ValueError("CUDA not available (skipped: this machine has CUDA)")), "CUDA"),
     ("bad device name", lambda: build_attention("affinity", device="gpu0"), "device"),
     ("dataset folder missing", lambda: load_dataset("/nonexistent/voc"), "missing"),
+    # untrusted files and paths (issue: trust in what is reused and written)
+    ("0x0 image", lambda: refine(image=torch.rand(1, 3, 0, 0)), "H, W >= 1"),
+    ("0x0 image in a rival", lambda: refine(image=torch.rand(1, 3, 0, 0), solver="pamr"), "H, W >= 1"),
+    ("prototypes with duplicate names", lambda: _protos(class_names=["car", "Car"]), "duplicate"),
+    ("prototypes with negative counts", lambda: _protos(counts=torch.tensor([3, -2])), "non-negative"),
+    ("prototypes long side 20000", lambda: _protos(size=20000), "1 to 1036"),
+    ("prototype file naming code", lambda: _load_protos_naming(_folder_with_code()), "refused"),
+    ("prototype file naming unknown hub weights", lambda: _load_protos_naming("someone/vit"), "not a known DINOv2"),
+    ("damaged prototype file", lambda: __import__("dslo.adapters.prototype_record", fromlist=["x"]).Prototypes.load(
+        _file("d.pt", b"PK\x03\x04 not really")), "cannot read prototype file"),
+    ("class file in Latin-1", lambda: __import__("dslo.adapters.vocab", fromlist=["x"]).load_class_names(
+        _file("c.txt", "caf\xe9\n".encode("latin-1"))), "not UTF-8"),
+    ("class file with a duplicate", lambda: __import__("dslo.adapters.vocab", fromlist=["x"]).load_class_names(
+        _file("c.txt", b"cat\ndog\ncat\n")), "duplicate"),
+    ("output path resolving to an input", _out_is_input, "input file"),
     # defined results
     ("all patches rejected by NMS", lambda: refine(logits=torch.full((1, 3, 10, 12), 0.2)), None),
     ("one class", lambda: refine(logits=L[:, :1]), None),
@@ -127,6 +185,10 @@ CLI_CASES = [
     ("duplicate class names", lambda d, img, lg, g, t: ["refine", "--logits", str(lg), "--image", str(img), "--classes", "a,a,b"], "duplicate"),
     ("unknown provider", lambda d, img, lg, g, t: ["refine", "--logits", str(lg), "--image", str(img), "--attention", "nope"], "unknown attention provider"),
     ("unknown solver", lambda d, img, lg, g, t: ["refine", "--logits", str(lg), "--image", str(img), "--attention", "affinity", "--solver", "x"], "solver"),
+    ("figure is the image", lambda d, img, lg, g, t: ["refine", "--logits", str(lg), "--image", str(img), "--attention", "affinity", "--figure", str(img)], "input file"),
+    ("figure is a folder", lambda d, img, lg, g, t: ["refine", "--logits", str(lg), "--image", str(img), "--attention", "affinity", "--figure", str(d)], "is a folder"),
+    ("segment figure is the image", lambda d, img, lg, g, t: ["segment", str(img), "--classes", "a,b", "--figure", str(img)], "input file"),
+    ("segment adapter typo", lambda d, img, lg, g, t: ["segment", str(img), "--classes", "a,b", "--adapter", "protoype", "--attention", "affinity"], "did you mean 'prototype'"),
 ]
 
 

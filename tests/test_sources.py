@@ -1,5 +1,7 @@
 """Logit sources of the quality benchmark: region errors, prototype logits, dataset views, table."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -64,12 +66,14 @@ def test_simulated_logits_unchanged_by_refactor():
     assert torch.isfinite(a).all() and sorted(vocab.tolist())[:2] == [0, 1]
 
 
-def write_set(root, ids, size=(28, 42)):
+def write_set(root, ids, size=(28, 42), distinct=False):
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     (root / "classes.txt").write_text("sky\nroad\n")
     for i in ids:
-        Image.fromarray(np.zeros(size + (3,), np.uint8)).save(root / "images" / f"{i}.png")
+        # distinct: one grey level per id, so no image is a copy of another
+        grey = hashlib.sha256(i.encode()).digest()[0] if distinct else 0
+        Image.fromarray(np.full(size + (3,), grey, np.uint8)).save(root / "images" / f"{i}.png")
         m = np.zeros(size, np.uint8)
         m[size[0] // 2:] = 1
         Image.fromarray(m).save(root / "masks" / f"{i}.png")
@@ -190,7 +194,7 @@ def test_quality_command_prototype_source_wiring(tmp_path, monkeypatch):
     import dslo.adapters.prototype as proto
     from dslo.integrations.cli import app
 
-    write_set(tmp_path / "street", [f"A_{k:02d}" for k in range(4)] + [f"B_{k:02d}" for k in range(2)])
+    write_set(tmp_path / "street", [f"A_{k:02d}" for k in range(4)] + [f"B_{k:02d}" for k in range(2)], distinct=True)
     other = tmp_path / "other"
     write_set(other, ["X_00"])
     (other / "classes.txt").write_text("cat\ndog\n")
@@ -213,9 +217,16 @@ def test_quality_command_prototype_source_wiring(tmp_path, monkeypatch):
     assert seen == {"ids": ["A_00", "A_02"], "layer": 8, "looped": ["A_00", "A_02"]}
     text = out.read_text()
     assert "| street mIoU | street acc |" in text and "other" not in text.split("Logits:")[0]
-    assert "prototype (layer 8, 2 examples of street)" in text
-    # scoring the examples themselves is refused
+    assert "prototype (layer 8, 2 examples of street, examples sha256 " in text
+    # the examples themselves are excluded from scoring (by content), and the table says so
     res = CliRunner().invoke(app, ["bench", "quality", "--data", str(tmp_path / "street"), "--attention", "affinity",
                                    "--no-cache", "--logits", "prototype", "--examples", str(tmp_path / "street"),
                                    "--examples-match", "A", "--methods", "raw+bilinear", "--logits-grid", "3"])
-    assert res.exit_code == 2 and "used to build the prototypes" in res.output
+    assert res.exit_code == 0, res.output
+    assert "prototype street: 4 image(s) identical to a prototype example (bytes or pixels) excluded, 2 scored" \
+        in res.output
+    # nothing left to score: one line
+    res = CliRunner().invoke(app, ["bench", "quality", "--data", str(tmp_path / "street"), "--match", "A",
+                                   "--attention", "affinity", "--no-cache", "--logits", "prototype", "--examples",
+                                   str(tmp_path / "street"), "--examples-match", "A", "--methods", "raw+bilinear"])
+    assert res.exit_code == 2 and "is one of the prototypes' examples" in res.output

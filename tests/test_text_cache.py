@@ -17,7 +17,7 @@ from test_adapters import tiny_clip  # noqa: E402
 
 from dslo.adapters import TextFeatureCache, build_adapter, default_text_cache_dir  # noqa: E402
 from dslo.adapters.clip import CLIPAdapter  # noqa: E402
-from dslo.adapters.text_cache import text_weights_fingerprint  # noqa: E402
+from dslo.adapters.text_cache import TEXT_CACHE_FORMAT, text_weights_fingerprint  # noqa: E402
 
 TEMPLATES = ["a photo of a {}.", "a sketch of the {}."]
 VOCAB = [["cat", "kitty"], "dog", "road"]
@@ -144,7 +144,7 @@ def test_damaged_entry_is_recomputed(model, tmp_path, damage):
     assert runs.count == 2 and torch.equal(again, good)
     # the entry was rewritten whole: the next call hits
     adapter.encode_text(VOCAB, TEMPLATES)
-    assert runs.count == 2 and torch.load(path, weights_only=True)["format"] == "dslo-text-v1"
+    assert runs.count == 2 and torch.load(path, weights_only=True)["format"] == TEXT_CACHE_FORMAT
 
 
 def test_progress_gets_the_batch_count(model, tmp_path):

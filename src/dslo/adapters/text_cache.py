@@ -22,8 +22,10 @@ Entries live in ``$DSLO_CACHE/text/<key[:2]>/<key>.pt`` (default ``~/.cache/dslo
 the convention of the prototype cache: two folders below ``$DSLO_CACHE`` keeps them out of
 the attention cache's ``*/*.pt`` globs (its clear and eviction) when that cache sits at
 ``$DSLO_CACHE`` itself. Files are written to a temporary file then renamed (several
-processes writing one entry leave one complete file), read with ``weights_only=True``, and
-a damaged or foreign file reads as a miss.
+processes writing one entry leave one complete file), read with ``weights_only=True``. Each
+entry carries its key and a sha256 of its payload (``dslo._cachefile``): a damaged, foreign or
+misplaced file is a miss, said in one warning line naming it, and is re-encoded. ``clear``
+deletes only files named and shaped as this cache's entries.
 """
 
 from __future__ import annotations
@@ -32,9 +34,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+from .._cachefile import folder_problem, is_entry_file, read_entry, save_entry, warn
 
 __all__ = [
     "TEXT_CACHE_FORMAT",
@@ -53,8 +55,9 @@ __all__ = [
     "tokenizer_identity",
 ]
 
-#: Part of every key; bump it when the stored layout or the computation changes meaning.
-TEXT_CACHE_FORMAT = "dslo-text-v1"
+#: Part of every key; bump it when the stored layout or the computation changes meaning
+#: (v2: entries carry a digest of their payload).
+TEXT_CACHE_FORMAT = "dslo-text-v2"
 
 #: The attributes of an open_clip ``CLIP`` that ``encode_text`` reads (``attn_mask`` is the
 #: causal mask buffer, non-persistent so absent from ``state_dict``).
@@ -63,6 +66,10 @@ TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_fina
 #: Tokenised to tell apart tokenizers that share a class (every Hugging Face tokenizer in
 #: open_clip is an ``HFTokenizer``): casing, punctuation, digits and accents.
 _TOKENIZER_PROBE = ["a photo of a traffic light.", "Crème brûlée, 2 PEOPLE & a dog-sled!"]
+
+
+#: (folder, problem) already said by ``TextFeatureCache.usable`` in this process
+_SAID: set = set()
 
 
 def default_text_cache_dir() -> Path:
@@ -237,33 +244,32 @@ class TextFeatureCache:
             entry = dataclasses.replace(entry, features=entry.features.to(device))
         return entry
 
-    def _read(self, path: Path, key: Optional[str]) -> Optional[TextCacheEntry]:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        # a truncated zip raises RuntimeError, a foreign file UnpicklingError or EOFError,
-        # a missing one FileNotFoundError: each is simply a miss
-        except Exception:  # noqa: BLE001
-            return None
-        try:
-            if data.get("format") != TEXT_CACHE_FORMAT or (key is not None and data.get("key") != key):
-                return None
-            feats = data["features"]
-            names = tuple(tuple(str(n) for n in group) for group in data["class_names"])
-            temps = tuple(str(t) for t in data["templates"])
-            info = dict(data.get("info") or {})
-        except (AttributeError, KeyError, TypeError):
-            return None
-        if (not isinstance(feats, torch.Tensor) or feats.dim() != 2 or not feats.is_floating_point()
-                or feats.shape[0] != sum(len(g) for g in names) or not bool(torch.isfinite(feats).all())):
+    def _read(self, path: Path, key: Optional[str], quiet: bool = False) -> Optional[TextCacheEntry]:
+        data, reason = read_entry(path, TEXT_CACHE_FORMAT, key)
+        if data is not None:
+            try:
+                feats = data["features"]
+                names = tuple(tuple(str(n) for n in group) for group in data["class_names"])
+                temps = tuple(str(t) for t in data["templates"])
+                info = dict(data.get("info") or {})
+                if (not isinstance(feats, torch.Tensor) or feats.dim() != 2 or not feats.is_floating_point()
+                        or feats.shape[0] != sum(len(g) for g in names) or not bool(torch.isfinite(feats).all())):
+                    raise ValueError("features")
+            except (AttributeError, KeyError, TypeError, ValueError):
+                data, reason = None, "not a valid text-feature entry"
+        if data is None:
+            if reason and not quiet:
+                warn(f"text cache: entry {path} {reason}; encoding the vocabulary again")
             return None
         return TextCacheEntry(feats, names, temps, info, path)
 
     def put(self, key: str, features: torch.Tensor, *, class_names: Sequence[Sequence[str]],
             templates: Sequence[str], info: Optional[dict] = None) -> Optional[Path]:
-        """Store (Q, D) ``features`` (copied to the CPU) under ``key``, atomically.
+        """Store (Q, D) ``features`` (copied to the CPU) under ``key``, atomically, with the key
+        and a digest of the payload.
 
-        A folder that cannot be written (read-only, full disk) gives a warning and None: the
-        features were computed, losing the cache must not lose the run.
+        A folder that cannot be written (read-only, full disk, a file in the way) gives one
+        warning line and None: the features were computed, losing the cache must not lose the run.
         """
         path = self.path(key)
         payload = {
@@ -274,42 +280,48 @@ class TextFeatureCache:
             "templates": list(templates),
             "info": dict(info or {}),
         }
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-            os.close(fd)
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
+            save_entry(path, payload)
         except OSError as exc:
-            warnings.warn(f"text cache: cannot write {path}: {exc}", RuntimeWarning, stacklevel=3)
+            warn(f"text cache: cannot write {path} ({type(exc).__name__}: {exc.strerror or exc}); "
+                 "running without the cache")
             return None
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
+    def usable(self) -> bool:
+        """Whether the folder can hold entries (created when absent); False with one warning."""
+        problem = folder_problem(self.root)
+        if problem and (str(self.root), problem) not in _SAID:
+            _SAID.add((str(self.root), problem))  # every adapter of a grid resolves the cache: said once
+            warn(f"text cache: cannot use {self.root} ({problem}); running without the cache")
+        return problem is None
+
+    def _files(self) -> list[Path]:
+        return [p for p in self.root.glob("*/*.pt") if is_entry_file(p)] if self.root.is_dir() else []
+
     def entries(self) -> list[TextCacheEntry]:
-        """Every readable entry (features on the CPU), oldest file first."""
-        if not self.root.is_dir():
-            return []
+        """Every sound entry (features on the CPU), oldest file first."""
         out = []
-        for path in sorted(self.root.glob("*/*.pt"), key=lambda p: p.stat().st_mtime):
-            entry = self._read(path, None)
+        for path in sorted(self._files(), key=lambda p: p.stat().st_mtime):
+            entry = self._read(path, None, quiet=True)
             if entry is not None:
                 out.append(entry)
         return out
 
     def size(self) -> int:
         """Total bytes of the entry files."""
-        return sum(p.stat().st_size for p in self.root.glob("*/*.pt")) if self.root.is_dir() else 0
+        return sum(p.stat().st_size for p in self._files())
 
     def clear(self) -> int:
-        """Delete every entry; returns how many were removed."""
+        """Delete every entry this cache made (a ``<key[:2]>/<key>.pt`` file holding a text-cache
+        entry, sound or damaged); a user's own file in the folder stays. Returns how many."""
         n = 0
-        if self.root.is_dir():
-            for p in self.root.glob("*/*.pt"):
+        for p in self._files():
+            try:
+                data = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # noqa: BLE001 - not a torch zip file: not ours
+                continue
+            if isinstance(data, dict) and str(data.get("format", "")).startswith("dslo-text"):
                 p.unlink(missing_ok=True)
                 n += 1
         return n
@@ -317,7 +329,8 @@ class TextFeatureCache:
 
 def resolve_text_cache(cache: Union[bool, str, os.PathLike, TextFeatureCache, None]) -> Optional[TextFeatureCache]:
     """None / False: no cache; True: ``default_text_cache_dir()``; a path: that folder; a
-    ``TextFeatureCache``: itself.
+    ``TextFeatureCache``: itself. A folder that cannot be used (a file in the way, no write
+    permission) gives one warning and None: found now, before any vocabulary is encoded.
 
     Raises:
         ValueError: anything else.
@@ -325,11 +338,11 @@ def resolve_text_cache(cache: Union[bool, str, os.PathLike, TextFeatureCache, No
     if cache is None or cache is False:
         return None
     if cache is True:
-        return TextFeatureCache()
+        cache = TextFeatureCache()
+    elif isinstance(cache, (str, os.PathLike)) and str(cache).strip():
+        cache = TextFeatureCache(cache)
     if isinstance(cache, TextFeatureCache):
-        return cache
-    if isinstance(cache, (str, os.PathLike)) and str(cache).strip():
-        return TextFeatureCache(cache)
+        return cache if cache.usable() else None
     raise ValueError(f"text cache: expected None, False, True, a folder path or a TextFeatureCache, got {cache!r}")
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Sequence, Union
 
 __all__ = [
+    "read_text_file",
+    "read_class_lines",
     "IMAGENET_TEMPLATES",
     "BENCHMARKS",
     "load_class_names",
@@ -149,6 +151,54 @@ def _canonical(name: str) -> str:
     return _ALIASES.get(key, key)
 
 
+def read_text_file(path: Union[str, Path], what: str = "text file") -> str:
+    """A text file read as UTF-8, a leading byte-order mark removed.
+
+    Raises:
+        ValueError: missing or unreadable file, or bytes that are not UTF-8 (naming the file,
+            the offending byte and its position).
+    """
+    path = Path(path).expanduser()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot read ({type(exc).__name__}: {exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at position {exc.start}); "
+                         "save it as UTF-8") from None
+
+
+def read_class_lines(path: Union[str, Path], unique: bool = True) -> list[str]:
+    """A data set's ``classes.txt``: one class name per line (UTF-8, BOM removed, surrounding
+    spaces stripped, trailing empty lines dropped).
+
+    Args:
+        unique: refuse a name given twice (compared ignoring case): wherever classes are
+            matched by name (prototypes) a repeated name is ambiguous. Benchmarks that score by
+            label index may repeat one (ADE20K-150 has two "screen" lines): ``unique=False``.
+
+    Raises:
+        ValueError: not UTF-8, no classes, an empty line between names, or (``unique``) a name
+            given twice, naming the file.
+    """
+    names = [ln.strip() for ln in read_text_file(path, "classes.txt").splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if not names or any(not n for n in names):
+        raise ValueError(f"classes.txt {path}: expected one non-empty class name per line")
+    if unique:
+        _no_duplicates([n.lower() for n in names], str(path))
+    return names
+
+
+def _no_duplicates(names: list, source: str) -> None:
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"class names {source}: duplicate class names {dup[:5]}; each class must appear once")
+
+
 def _parse(text: str, source: str) -> list[list[str]]:
     lines = text.splitlines()
     while lines and not lines[-1].strip():
@@ -165,6 +215,8 @@ def _parse(text: str, source: str) -> list[list[str]]:
         classes.append(names)
     if not classes:
         raise ValueError(f"class names {source}: no classes found")
+    # a synonym may repeat across lines (COCO's background lists "bed"), a class name may not
+    _no_duplicates([names[0].lower() for names in classes], source)
     return classes
 
 
@@ -194,7 +246,7 @@ def load_class_names(name_or_path: Union[str, Path]) -> list[list[str]]:
                 f"class names: file {str(name_or_path)!r} does not exist; give a path to a text "
                 f"file or one of the benchmark names {sorted(BENCHMARKS)}"
             )
-        return _parse(path.read_text(encoding="utf-8"), str(path))
+        return _parse(read_text_file(path, "class names"), str(path))
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError(f"class names: expected a benchmark name or a path, got {name_or_path!r}")
     key = _canonical(name_or_path)

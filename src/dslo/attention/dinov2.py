@@ -600,8 +600,10 @@ def _load_cached(kind: str, key: str, local_files_only: bool, stamp: tuple) -> n
         from transformers import AutoModel
 
         try:
+            # never run code shipped with weights (a folder or repo with custom modelling
+            # files would otherwise prompt for it, or run it under trust_remote_code=True)
             model = AutoModel.from_pretrained(
-                key, local_files_only=local_files_only, attn_implementation="eager"
+                key, local_files_only=local_files_only, attn_implementation="eager", trust_remote_code=False
             )
         except (OSError, ValueError) as err:
             where = "local directory" if kind == "directory" else (

@@ -61,15 +61,18 @@ class Dataset:
         return len(self.ids)
 
     def load(self, sample_id: str) -> Sample:
-        from PIL import Image
+        from ..adapters.image_files import read_label_map, read_rgb
 
         imgs = sorted((self.root / "images").glob(f"{sample_id}.*"))
         if not imgs:
             raise ValueError(f"{self.name}: no image for id {sample_id!r} in {self.root / 'images'}")
-        img = np.asarray(Image.open(imgs[0]).convert("RGB"), dtype=np.float32) / 255.0
-        mask = np.asarray(Image.open(self.root / "masks" / f"{sample_id}.png"))
-        if mask.ndim != 2 or mask.shape != img.shape[:2]:
+        img = read_rgb(imgs[0])
+        mask = read_label_map(self.root / "masks" / f"{sample_id}.png")
+        if mask.shape != img.shape[:2]:
             raise ValueError(f"{self.name}/{sample_id}: mask {mask.shape} does not match image {img.shape[:2]}")
+        if mask.max(initial=0) >= len(self.lut):
+            raise ValueError(f"{self.name}/{sample_id}: mask values up to {mask.max()}; expected labels "
+                             f"0..{len(self.lut) - 1} (classes.txt lines or the ignore label)")
         return Sample(sample_id, torch.from_numpy(img).permute(2, 0, 1).contiguous(),
                       torch.from_numpy(self.lut[mask.astype(np.int64)]))
 
@@ -94,7 +97,9 @@ def load_dataset(root: str | Path, ignore_label: Optional[int] = None, limit: Op
     for part in ("images", "masks", "classes.txt"):
         if not (root / part).exists():
             raise ValueError(f"dataset {root}: expected images/, masks/ and classes.txt; {part} is missing")
-    names = [ln.strip() for ln in (root / "classes.txt").read_text().splitlines() if ln.strip()]
+    from ..adapters.vocab import read_class_lines
+
+    names = read_class_lines(root / "classes.txt", unique=False)  # ADE20K-150 names "screen" twice
     ignore = KNOWN_IGNORE.get(root.name, 255) if ignore_label is None else int(ignore_label)
     kept = [k for k in range(len(names)) if k != ignore]
     lut = np.full(256, 255, dtype=np.int64)
@@ -111,6 +116,32 @@ def load_dataset(root: str | Path, ignore_label: Optional[int] = None, limit: Op
     if not ids:
         raise ValueError(f"dataset {root}: no masks/*.png" + (f" with ids starting {list(match)}" if match else ""))
     return Dataset(root.name, root, [names[k] for k in kept], ids, ignore, 255, lut)
+
+
+def drop_examples(dataset: Dataset, source) -> tuple[Dataset, int]:
+    """``dataset`` without the images that are copies of the examples ``source`` was built
+    from (same file bytes or same decoded pixels, under any name or folder), and how many were
+    dropped. Sources without ``fingerprints`` (simulated, regions) keep every image.
+
+    A model scored on its own examples flatters every refiner; comparing folder paths misses
+    a copy, so the comparison is by content.
+    """
+    import dataclasses
+
+    from .sources import image_fingerprint
+
+    prints = getattr(source, "fingerprints", None)
+    if prints is None:
+        return dataset, 0
+    kept = []
+    for sample_id in dataset.ids:
+        image = sorted((dataset.root / "images").glob(f"{sample_id}.*"))
+        if image:
+            by_bytes, by_pixels = image_fingerprint(image[0])
+            if by_bytes in prints.files or by_pixels in prints.pixels:
+                continue
+        kept.append(sample_id)
+    return dataclasses.replace(dataset, ids=kept), len(dataset.ids) - len(kept)
 
 
 def _seed(*parts: object) -> int:
@@ -292,9 +323,14 @@ def init_distributed() -> tuple[int, int]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from .outputs import temporary_sibling
+
+    tmp = temporary_sibling(path)  # a unique name: a fixed "NAME.tmp" may be someone's file
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def quality_table(results: dict, methods: Sequence[str], sizes: dict, *, title: str = "", command: str = "") -> str:

@@ -119,15 +119,15 @@ class FolderDataset:
         return len(self.ids)
 
     def load(self, sample_id: str) -> Sample:
-        from PIL import Image
+        from ..adapters.image_files import read_label_map, read_rgb
 
         img_path = self.root / self.layout.img_dir / f"{sample_id}{self.layout.img_suffix}"
         seg_path = self.root / self.layout.ann_dir / f"{sample_id}{self.layout.seg_suffix}"
         if not img_path.is_file() or not seg_path.is_file():
             raise ValueError(f"{self.name}/{sample_id}: missing {img_path if not img_path.is_file() else seg_path}")
-        img = np.asarray(Image.open(img_path).convert("RGB"), dtype=np.float32) / 255.0
-        seg = np.asarray(Image.open(seg_path)).astype(np.int64)
-        if seg.ndim != 2 or seg.shape != img.shape[:2]:
+        img = read_rgb(img_path)  # 16-bit greyscale at its range, unreadable files in one line
+        seg = read_label_map(seg_path, "label map")
+        if seg.shape != img.shape[:2]:
             raise ValueError(f"{self.name}/{sample_id}: label map {seg.shape} does not match image {img.shape[:2]}")
         if self.layout.reduce_zero_label:
             seg = np.where(seg == 0, 255, seg - 1)

@@ -11,13 +11,16 @@ from typing import List, Optional
 import typer
 
 from .cli_common import _cache_arg, _command_line, _fail, _options, _quietly, _rich_progress
+from .outputs import check_outputs, temporary_sibling
 
 
 def write_section(path: Path, section: str, body: str) -> None:
     """Replace (or append) the block between ``<!-- begin NAME -->`` and ``<!-- end NAME -->``
     of a markdown file, atomically, so several commands can fill one results file."""
     begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
-    text = path.read_text() if path.exists() else ""
+    from ..adapters.vocab import read_text_file
+
+    text = read_text_file(path, "--out") if path.exists() else ""
     block = f"{begin}\n{body.rstrip()}\n{end}"
     if begin in text and end in text:
         head, _, rest = text.partition(begin)
@@ -25,10 +28,12 @@ def write_section(path: Path, section: str, body: str) -> None:
         text = head + block + tail
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    tmp = temporary_sibling(path)  # a unique name: a fixed "NAME.tmp" may be someone's file
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @_quietly
@@ -65,7 +70,7 @@ def bench_quality(
     """
     from rich.progress import track
 
-    from ..integrations.bench import init_distributed, load_dataset, quality_table, run_quality
+    from ..integrations.bench import drop_examples, init_distributed, load_dataset, quality_table, run_quality
     from ..integrations.pipeline import build_provider, provider_weights
     from ..integrations.provenance import environment, provenance_lines
     from ..integrations.sources import build_source
@@ -76,6 +81,11 @@ def bench_quality(
     # methods are separated by ","; a method's own options by ";" ("path:path_eps=0.25;path_rho=0.3")
     kinds = [k.strip() for k in logits.split(",") if k.strip()]
     try:
+        check_outputs({"--out": out}, {"--json-dir": json_dir}, inputs=[*data, examples, weights])
+        if out is not None and out.is_file():
+            from ..adapters.vocab import read_text_file
+
+            read_text_file(out, "--out")  # its other sections are kept: it must read as text, now
         sets = [load_dataset(d, limit=limit, match=_for_set(match, d.name, "--match"),
                              stride=int(_for_set(stride, d.name, "--stride", listed=False) or 1)) for d in data]
         sources = [build_source(k, examples=examples, layer=layer, examples_stride=examples_stride,
@@ -89,10 +99,18 @@ def bench_quality(
                                   cache=_cache_arg(cache, cache_dir), lazy=True)
         produced = provenance_lines(environment(), [provider_weights(attention, weights)])
         results = {}
+        excluded, scored = [], {}
         for src in sources:
             for ds in sets:
                 if not _source_fits(src, ds):
                     continue
+                ds, dropped = drop_examples(ds, src)  # copies of the prototypes' examples, by content
+                if getattr(src, "fingerprints", None) is not None:
+                    excluded.append(f"{src.name.split(' ')[0]} {ds.name}: {dropped} image(s) identical to a "
+                                    f"prototype example (bytes or pixels) excluded, {len(ds)} scored.")
+                if not ds.ids:
+                    raise ValueError(f"bench quality: every image of {ds.name} is one of the prototypes' examples")
+                scored[ds.name] = len(ds)
                 # one source: json_dir/SET as before; several: json_dir/SOURCE/SET
                 json_sub = None if json_dir is None else (
                     json_dir / ds.name if len(sources) == 1 else json_dir / src.name.split(" ")[0] / ds.name)
@@ -103,9 +121,9 @@ def bench_quality(
         _fail(str(exc))
     if not results:
         _fail("bench quality: no (logit source, data set) pair to score: prototype classes match none of the sets")
-    sizes = {ds.name: len(ds) for ds in sets}
+    sizes = {ds.name: scored.get(ds.name, len(ds)) for ds in sets}
     table = quality_table(results, method_list, sizes, title=title, command=_command_line(ctx))
-    table = table.rstrip() + "\n\n" + "\n".join(produced) + "\n"
+    table = table.rstrip() + "\n\n" + "\n".join(excluded + produced) + "\n"
     if rank != 0:
         return
     typer.echo(table)

@@ -15,6 +15,10 @@ import typer
 #: from there: that module imports the pipeline's dependencies, and ``dslo --help`` should not wait for them)
 _DEFAULT_SIZE = "512x512"
 
+#: the largest side --size accepts: a ViT-B/16 at 2048 px already attends over 16384 patches
+#: (12 GB of attention per block); 20000 would first allocate a multi-GB image
+_MAX_SIZE = 2048
+
 
 def _fail(message: str) -> None:
     # one line, whatever the underlying library put in its message
@@ -118,13 +122,13 @@ def _parse_size(size: str):
     try:
         if "x" in text:
             h, w = (int(v) for v in text.split("x"))
-            if h >= 1 and w >= 1:
+            if 1 <= h <= _MAX_SIZE and 1 <= w <= _MAX_SIZE:
                 return [h, w]
-        elif int(text) >= 1:
+        elif 1 <= int(text) <= _MAX_SIZE:
             return int(text)
     except ValueError:
         pass
-    _fail(f"--size: expected a short side like 448 or HxW like 512x512, got {size!r}")
+    _fail(f"--size: expected a short side like 448 or HxW like 512x512, each side 1..{_MAX_SIZE}, got {size!r}")
 
 
 def _model_options(model: str, pretrained: Optional[str], size: str, adapter_option) -> dict:

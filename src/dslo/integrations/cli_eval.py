@@ -11,6 +11,7 @@ import typer
 
 from .cli_common import (_DEFAULT_SIZE, _cache_arg, _command_line, _fail, _model_options, _options, _parse_size,
                          _quietly, _rich_progress)
+from .outputs import check_outputs
 
 
 @_quietly
@@ -59,6 +60,11 @@ def eval_command(
         _fail(f"--engine: expected auto, mmseg or dslo, got {engine!r}")
     if not data_root.is_dir():
         _fail(f"--data-root {data_root} is not a directory")
+    try:
+        check_outputs({"--json": json_out}, {"--out-dir": out_dir, "--work-dir": work_dir},
+                      inputs=[data_root, weights_dir, model, pretrained, attention_weights])
+    except ValueError as exc:
+        _fail(str(exc))
     if device is None and world > 1 and __import__("torch").cuda.is_available():
         device = f"cuda:{__import__('os').environ.get('LOCAL_RANK', '0')}"
     vocab = BENCHMARK_DATA[key].vocab
@@ -212,6 +218,8 @@ def versatility(
         device = f"cuda:{__import__('os').environ.get('LOCAL_RANK', '0')}"
     command = _command_line(ctx)
     try:
+        check_outputs(folders={"--results-dir": results_dir, "--cells-dir": cells_dir},
+                      inputs=[data_root, stand_in_root, weights_dir, model, pretrained, *split(datasets)])
         spec = GridSpec(adapters=split(adapters), solvers=split(solvers), attention=att_list,
                         datasets=split(datasets), data_root=data_root, stand_in_root=stand_in_root,
                         results_dir=results_dir, cells_dir=cells_dir, model=model,

@@ -11,21 +11,16 @@ from typing import List, Optional
 import typer
 
 from .cli_common import _DEFAULT_SIZE, _cache_arg, _fail, _model_options, _options, _quietly, _rich_progress
+from .outputs import check_outputs, temporary_sibling
 
 
 def read_image(path: Path):
     """RGB image file -> (1, 3, H, W) float in [0, 1]; ValueError when unreadable."""
-    import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
 
-    if not Path(path).is_file():
-        raise ValueError(f"image not found: {path}")
-    try:
-        arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+    from ..adapters.image_files import read_rgb
+
+    return torch.from_numpy(read_rgb(path)).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
 def read_logits(path: Path):
@@ -72,10 +67,12 @@ def write_mask(labels, path: Path) -> None:
     img = Image.fromarray(arr.astype(np.uint8), mode="L") if arr.max(initial=0) < 256 else \
         Image.fromarray(arr.astype(np.uint16))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    img.save(tmp)
-    tmp.replace(path)
+    tmp = temporary_sibling(path)  # a unique name: "mask.tmp.png" may be someone's input
+    try:
+        img.save(tmp, format="PNG")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _class_list(classes: Optional[str], count: int) -> list:
@@ -116,6 +113,7 @@ def refine(
     import dslo
 
     try:
+        check_outputs({"--out": out, "--figure": figure}, inputs=[logits, image, weights])
         lg = read_logits(logits)
         img = read_image(image)
         if lg.shape[0] != 1:
@@ -130,7 +128,7 @@ def refine(
             from .figures import stage_figure
 
             stage_figure(img[0], {solver: out_}, names, figure)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         _fail(str(exc))
     present = sorted(set(out_.labels.unique().tolist()))
     typer.echo(f"wrote {out} ({out_.labels.shape[1]}x{out_.labels.shape[2]}, classes {[names[k] for k in present]})")
@@ -152,7 +150,7 @@ def _parse_classes(classes: str):
     return names, names
 
 
-def _prototype_options(examples: Optional[Path], prototypes: Optional[Path], layer: int, size: Optional[str],
+def _prototype_options(examples: Optional[Path], prototypes: Optional[Path], layer: Optional[int], size: Optional[str],
                        model: Optional[str], adapter_option) -> dict:
     """--examples / --prototypes / --layer / --size for the prototype adapter.
 
@@ -172,11 +170,25 @@ def _prototype_options(examples: Optional[Path], prototypes: Optional[Path], lay
     if model is not None:
         opts["model"] = model
     if examples is not None:
-        opts.update(examples=examples, layer=layer, progress=_rich_progress())
+        opts.update(examples=examples, layer=8 if layer is None else layer, progress=_rich_progress())
     else:
+        _check_file_layer(prototypes, layer)
         opts["prototypes"] = prototypes
     opts.update(_options(adapter_option))
     return opts
+
+
+def _check_file_layer(prototypes: Path, layer: Optional[int]) -> None:
+    """--layer with --prototypes must be the file's own layer: a prototype file runs at the
+    layer it was built at, so another value would be silently ignored."""
+    if layer is None:
+        return
+    from ..adapters.prototype_record import Prototypes
+
+    built = Prototypes.load(prototypes).layer
+    if layer != built:
+        _fail(f"--layer {layer}: the prototypes in {prototypes} were built at layer {built} and run there; "
+              "drop --layer, or build prototypes at that layer with --examples DIR --layer " + str(layer))
 
 
 @_quietly
@@ -187,7 +199,7 @@ def segment(
     attention: str = typer.Option("sd2", help="sd2, dinov2, clip, affinity (no model), own (the adapter's)"),
     examples: Optional[Path] = typer.Option(None, help="prototype adapter: annotated examples (images/, masks/, classes.txt); prototypes are built once and cached"),
     prototypes: Optional[Path] = typer.Option(None, help="prototype adapter: a prototype file (Prototypes.save) instead of --examples"),
-    layer: int = typer.Option(8, help="prototype adapter with --examples: ViT hidden layer of the features (0 = embeddings, 1..12)"),
+    layer: Optional[int] = typer.Option(None, help="prototype adapter with --examples: ViT hidden layer of the features (0 = embeddings, 1..12; default 8); with --prototypes: the file's own layer"),
     solver: str = typer.Option("velocity", help="velocity, path, fusion, kl, propagate, none; solver:field=value,... for RefinerConfig fields"),
     out: Path = typer.Option(Path("mask.png"), help="label PNG (class indices in --classes order; prototype without --classes: classes.txt order)"),
     figure: Optional[Path] = typer.Option(None, help="also write a figure of the stages (PNG)"),
@@ -207,6 +219,12 @@ def segment(
     from .pipeline import build_pipeline
 
     try:
+        check_outputs({"--out": out, "--figure": figure},
+                      inputs=[image, examples, prototypes, classes, model, pretrained, weights_dir, attention_weights])
+        if device is not None:
+            from ..attention.base import resolve_device
+
+            resolve_device(device)  # one line now, not "Found no NVIDIA driver" from deep in torch
         img = read_image(image)
         is_prototype = adapter.strip().lower() in ("prototype", "prototypes")
         if is_prototype:
@@ -239,7 +257,7 @@ def segment(
 
             stage_figure(img[0], {solver: result}, names, figure)
         write_mask(result.labels[0], out)
-    except (ValueError, ImportError) as exc:
+    except (ValueError, ImportError, OSError) as exc:
         _fail(str(exc))
     present = sorted(set(result.labels.unique().tolist()))
     typer.echo(f"wrote {out} ({result.labels.shape[1]}x{result.labels.shape[2]}, classes {[names[k] for k in present]})")

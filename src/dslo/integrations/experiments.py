@@ -71,11 +71,15 @@ __all__ = [
 def atomic_write_text(path: Union[str, Path], text: str) -> Path:
     """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``, so a
     crash never leaves a half-written file and readers see the old or the new content."""
+    from .outputs import temporary_sibling
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    tmp = temporary_sibling(path)  # unique across processes and never an existing file
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -198,6 +202,9 @@ def run_versatility(spec: GridSpec, *, progress: Optional[Callable[[Iterable, st
                                 "attention_identity": weights_identity(records[att]) if att in records else None}
                     path = out_dir / _cell_name(adapter_name, att, label)
                     done = _read_cell(path)
+                    if done is None and path.is_file():
+                        log(f"recompute {opened.key} {adapter_name} {att} {label}: {path} is damaged (unreadable, "
+                            "not a cell, or its digest does not match)")
                     if done is not None and done.get("fingerprint") == _fingerprint(settings):
                         rows.append(done)
                         log(f"skip {opened.key} {adapter_name} {att} {label} (done: {path})")
@@ -303,11 +310,31 @@ def _unwritable(folder: Union[str, Path]) -> Optional[str]:
     return None
 
 
+def _cell_digest(row: Mapping) -> str:
+    """sha256 of a cell's JSON (keys sorted, without its own digest)."""
+    body = {k: v for k, v in row.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _with_digest(row: dict) -> dict:
+    """The cell as written: its JSON round trip plus ``digest`` over it, so a hand-edited or
+    damaged number is never reused."""
+    plain = json.loads(json.dumps(row))
+    return {**plain, "digest": _cell_digest(plain)}
+
+
 def _read_cell(path: Path) -> Optional[dict]:
+    """A finished cell, or None: absent, unreadable, not a JSON object, or whose digest does
+    not match its content (cells written before digests existed have none and are read)."""
     try:
-        return json.loads(path.read_text())
+        cell = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if not isinstance(cell, dict):
+        return None
+    if "digest" in cell and cell["digest"] != _cell_digest(cell):
+        return None
+    return cell
 
 
 def _run_group(spec: GridSpec, opened: OpenedDataset, adapter_name: str, adapter, pending: list,
@@ -367,7 +394,7 @@ def _run_group(spec: GridSpec, opened: OpenedDataset, adapter_name: str, adapter
                "fingerprint": _fingerprint(settings), "command": spec.command,
                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "provenance": produced or {}}
         if rank == 0:
-            atomic_write_text(out_dir / _cell_name(adapter_name, att, label), json.dumps(row, indent=1))
+            atomic_write_text(out_dir / _cell_name(adapter_name, att, label), json.dumps(_with_digest(row), indent=1))
         log(f"done {opened.key} {adapter_name} {att} {label}: mIoU {row['miou']:.1f}")
         rows.append(row)
     return rows

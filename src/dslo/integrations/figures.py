@@ -262,14 +262,16 @@ def stage_figure(
     import matplotlib.pyplot as plt
 
     fig = build_stage_figure(image, outputs, class_names, ground_truth, ignore_index, max_classes)
+    from .outputs import temporary_sibling
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    tmp = temporary_sibling(path)  # a unique name: a fixed "NAME.tmp.png" may be someone's file
     try:
-        fig.savefig(tmp, dpi=90)
+        fig.savefig(tmp, dpi=90, format="png")
+        tmp.replace(path)
     finally:
         plt.close(fig)
-    tmp.replace(path)
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -321,12 +323,14 @@ def grid_plot(rows: Sequence[Mapping], path: str | Path, metric: str = "miou") -
     ax.set_ylabel(metric)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    from .outputs import temporary_sibling
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    tmp = temporary_sibling(path)  # a unique name: a fixed "NAME.tmp.png" may be someone's file
     try:
-        fig.savefig(tmp, dpi=90)
+        fig.savefig(tmp, dpi=90, format="png")
+        tmp.replace(path)
     finally:
         plt.close(fig)
-    tmp.replace(path)
+        tmp.unlink(missing_ok=True)
     return path

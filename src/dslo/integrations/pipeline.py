@@ -76,7 +76,13 @@ def build_adapter_by_name(name: str, *, model: str = "ViT-B-16", pretrained: Opt
 
     key = str(name).strip().lower()
     if key not in ADAPTERS and key not in ("maskclip", "scclip", "sc_clip", "proxy-clip", "proxy_clip"):
-        raise ValueError(f"unknown adapter {name!r}; known: {list(ADAPTERS)}")
+        import difflib
+
+        # "prototype" is dispatched by build_pipeline before this point, but is a known name
+        known = [*ADAPTERS, "prototype"]
+        close = difflib.get_close_matches(key, known, n=1)
+        raise ValueError(f"unknown adapter {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                         f"known: {known}")
     clip = load_clip_model(model, pretrained, weights_dir=weights_dir, device=device)
     options.setdefault("slide", None)
     return build_adapter(key, model=clip, size=size, **options)

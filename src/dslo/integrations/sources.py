@@ -144,5 +144,50 @@ def build_source(
                                                                   if examples_match else ""))
     protos = build_prototypes(root, layer=layer, size=size, ids=ids, progress=progress, model=model)
     adapter = PrototypeAdapter(protos, model=model, size=size)
-    name = f"prototype (layer {layer}, {len(ids)} examples of {root.name})"
-    return PrototypeLogits(adapter, examples=root, exclude=set(ids), name=name)
+    prints = example_fingerprints(root, ids)
+    name = (f"prototype (layer {layer}, {len(ids)} examples of {root.name}, examples sha256 {prints.digest[:12]}, "
+            f"prototypes key {getattr(protos, 'key', '')[:12] or '-'})")
+    source = PrototypeLogits(adapter, examples=root, exclude=set(ids), name=name)
+    source.fingerprints = prints
+    return source
+
+
+@dataclass(frozen=True)
+class ExampleFingerprints:
+    """What identifies the images prototypes were built from, by content: ``files`` (sha256 of
+    each image file's bytes), ``pixels`` (sha256 of each decoded image), ``digest`` (sha256 over
+    the ids and the image and mask bytes, in order: names the examples in tables)."""
+
+    files: frozenset
+    pixels: frozenset
+    digest: str
+
+
+def image_fingerprint(path) -> tuple[str, str]:
+    """(sha256 of the file's bytes, sha256 of its decoded pixels) of one image file."""
+    import hashlib
+
+    from ..adapters.image_files import read_rgb
+
+    data = Path(path).read_bytes()
+    pixels = read_rgb(path)
+    return (hashlib.sha256(data).hexdigest(),
+            hashlib.sha256(f"{pixels.shape}".encode() + pixels.tobytes()).hexdigest())
+
+
+def example_fingerprints(root, ids) -> ExampleFingerprints:
+    """``ExampleFingerprints`` of the examples ``ids`` of the folder ``root`` (images/ID.*,
+    masks/ID.png): an evaluation can exclude copies of them whatever their name or folder."""
+    import hashlib
+
+    root = Path(root)
+    files, pixels = set(), set()
+    h = hashlib.sha256()
+    for sample_id in ids:
+        image = next(p for p in sorted((root / "images").glob(f"{sample_id}.*")))
+        by_bytes, by_pixels = image_fingerprint(image)
+        files.add(by_bytes)
+        pixels.add(by_pixels)
+        mask = hashlib.sha256((root / "masks" / f"{sample_id}.png").read_bytes()).hexdigest()
+        h.update(f"{sample_id}|{by_bytes}|{mask}|".encode())
+    return ExampleFingerprints(frozenset(files), frozenset(pixels), h.hexdigest())

@@ -77,6 +77,8 @@ def check_image(image: object, name: str = "image") -> torch.Tensor:
         raise ValueError(f"{name}: expected 3 channels (B, 3, H, W), got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name}: expected a batch of at least one image, got B = 0")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{name}: expected H, W >= 1, got a {x.shape[2]}x{x.shape[3]} image")
     if x.numel() and (float(x.min()) < -1e-3 or float(x.max()) > 1 + 1e-3):
         raise ValueError(
             f"{name}: expected values in [0, 1], got [{float(x.min()):.3g}, {float(x.max()):.3g}]"
