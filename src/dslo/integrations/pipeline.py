@@ -278,6 +278,14 @@ def build_pipeline(adapter: Union[str, object], attention: Union[str, Callable, 
     label, refiner = parse_solver(solver)
     if refiner_options:
         refiner = DiscrepancyRefiner(refiner.config.replace(**dict(refiner_options)))
+    if isinstance(attention, str):
+        # lazy behind a cache: when every map is in the cache, the provider's model is never
+        # loaded; without one, built first, so missing weights fail before the adapter loads
+        provider = None if attention == "own" else build_provider(
+            attention, weights=attention_weights, weights_dir=weights_dir, options=attention_options,
+            cache=cache, device=device, lazy=cache not in (None, False))
+    else:
+        provider = attention
     if isinstance(adapter, str) and adapter.strip().lower() in ("prototype", "prototypes"):
         from ..adapters import build_adapter
 
@@ -286,13 +294,6 @@ def build_pipeline(adapter: Union[str, object], attention: Union[str, Callable, 
         opts = dict(adapter_options or {})
         opts.setdefault("text_cache", text_cache_dir(cache))
         adapter = build_adapter_by_name(adapter, weights_dir=weights_dir, device=device, **opts)
-    if isinstance(attention, str):
-        # lazy: when every map is in the cache, the provider's model is never loaded
-        provider = None if attention == "own" else build_provider(
-            attention, weights=attention_weights, weights_dir=weights_dir, options=attention_options,
-            cache=cache, device=device, lazy=True)
-    else:
-        provider = attention
     text = _encode(adapter, classes, progress)
     return Pipeline(adapter, text, provider, refiner)
 
