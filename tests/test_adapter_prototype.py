@@ -191,6 +191,22 @@ def test_build_adapter_by_name_from_examples_and_from_a_file(tiny, examples, tmp
         build_adapter("prototype", model=tiny)
 
 
+def test_logits_and_attention_in_one_pass_equal_two_passes(tiny, examples):
+    adapter = PrototypeAdapter(build_prototypes(examples, layer=1, size=56, model=tiny, cache_dir=False), model=tiny)
+    image = torch.rand(2, 3, 40, 56)
+    passes = []
+    handle = tiny.embeddings.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        patch, att = adapter.logits_and_attention(image, ["car", "sky"])
+    finally:
+        handle.remove()
+    assert len(passes) == 1  # one ViT pass for both
+    torch.testing.assert_close(patch.logits, adapter(image, ["car", "sky"]).logits, rtol=1e-5, atol=1e-5)
+    reference = adapter.attention(image)
+    assert att.grid == reference.grid == tuple(patch.logits.shape[-2:])
+    torch.testing.assert_close(att.matrix, reference.matrix)
+
+
 # ----------------------------------------------------------------------------- cache and files
 
 

@@ -242,8 +242,17 @@ class Pipeline:
             ``RefinerOutput`` with labels (B, H0, W0) (or (B, H, W) without ``guide``).
         """
         guide = image if guide is None else guide
+        needs_attention = self.refiner.config.solver not in ("none", "kl")
+        shared = getattr(self.adapter, "logits_and_attention", None)
+        if needs_attention and self.attention is None and callable(shared):
+            # the adapter's own ViT gives both in one pass (the prototype adapter)
+            patch, att = shared(image, self.text)
+            logits = patch.per_class()
+            if logits.shape[1] != self.num_classes:
+                raise ValueError(f"the adapter gave {logits.shape[1]} classes, the vocabulary has {self.num_classes}")
+            return self.refiner(logits, att, guide)
         logits = self.logits(image)
-        att = None if self.refiner.config.solver in ("none", "kl") else self.attend(image)
+        att = self.attend(image) if needs_attention else None
         return self.refiner(logits, att if att is not None else _dummy_attention(logits), guide)
 
 
