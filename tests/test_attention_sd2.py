@@ -371,8 +371,10 @@ def test_bad_inputs(parts, no_text_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown weights"):
         load_sd2("not a repo id!")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match="offline: only the local cache"):
+    with pytest.raises(ValueError, match="missing weights: SD2 'dslo-test/no-such-sd2-repo' is not in the Hugging "
+                       "Face cache and HF_HUB_OFFLINE is set; download it") as err:
         load_sd2("dslo-test/no-such-sd2-repo", text_encoder=False, device="cpu")
+    assert "\n" not in str(err.value) and "--attention affinity" in str(err.value)
 
 
 def test_processors_keep_their_type_through_a_provider_call(parts):

@@ -20,6 +20,7 @@ open_clip is imported when a model is built, not when this module is imported.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable, Iterable, Literal, Optional, Sequence, Union
 
 import torch
@@ -71,6 +72,33 @@ _HOW_TO_GET = (
 )
 
 
+def _local_or_fail(open_clip, model: str, pretrained: Optional[str]) -> tuple[Optional[str], dict]:
+    """A pretrained tag that cannot be downloaded now (HF_HUB_OFFLINE, no network): its cached
+    file (with the tag's QuickGELU setting, which a file loses), or a one-line ValueError at
+    once (open_clip would retry the download for a minute). Otherwise ``pretrained`` as given."""
+    import os
+
+    from .._hub import hub_cached, hub_unavailable, missing_hub_weights
+
+    if pretrained is None or Path(str(pretrained)).expanduser().is_file():
+        return pretrained, {}
+    cfg = open_clip.get_pretrained_cfg(model, str(pretrained)) if model in open_clip.list_models() else {}
+    if not cfg or not cfg.get("hf_hub"):
+        return pretrained, {}  # unknown tags and URL-only tags: open_clip's own message
+    reason = hub_unavailable()
+    if reason is None:
+        return pretrained, {}
+    repo, filename = os.path.split(cfg["hf_hub"])
+    for name in (filename or "open_clip_pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        found = hub_cached(repo, name)
+        if found is not None:
+            return found, {"force_quick_gelu": bool(cfg.get("quick_gelu", False))}
+    raise missing_hub_weights(
+        f"open_clip {model} '{pretrained}' from", repo, reason,
+        f"download it on a machine with internet (`hf download {repo}`) and copy the Hugging Face cache "
+        "(~/.cache/huggingface/hub), or pass a checkpoint file as pretrained")
+
+
 def load_open_clip(model: Union[str, nn.Module], pretrained: Optional[str] = "openai",
                    device: Union[str, torch.device, None] = None) -> tuple[nn.Module, Optional[str]]:
     """Build or accept an open_clip CLIP model; returns (model in eval mode, model name or None).
@@ -90,11 +118,12 @@ def load_open_clip(model: Union[str, nn.Module], pretrained: Optional[str] = "op
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ValueError("CLIP adapters need open_clip: pip install 'dslo[clip]'") from e
         name = model
+        pretrained, extra = _local_or_fail(open_clip, model, pretrained)
         try:
             if pretrained is None:
                 net = open_clip.create_model(model, device=device)
             else:
-                net = open_clip.create_model(model, pretrained=str(pretrained), device=device)
+                net = open_clip.create_model(model, pretrained=str(pretrained), device=device, **extra)
         # open_clip's download and checkpoint errors differ across versions (RuntimeError,
         # OSError from huggingface_hub, ValueError, FileNotFoundError): report them uniformly
         except Exception as e:  # noqa: BLE001

@@ -3,9 +3,9 @@ each example by its majority class, average the L2-normalised patch features per
 cache the result on disk.
 
     from dslo.adapters.prototype_build import build_prototypes
-    protos = build_prototypes("../shared/data/camvid367", layer=8)   # cached on disk
+    protos = build_prototypes("DATA/camvid367", layer=8)   # cached on disk
 
-Examples live in a folder laid out as ``../shared/data/*``: ``images/ID.(png|jpg)``,
+Examples live in a folder laid out as ``images/ID.(png|jpg)``,
 ``masks/ID.png`` (one label per pixel, label k = line k of ``classes.txt``) and
 ``classes.txt``. Building from hundreds of images takes minutes on a CPU, so prototypes are
 cached in ``$DSLO_CACHE/prototypes`` (default ``~/.cache/dslo/prototypes``) under a hash of
@@ -47,7 +47,7 @@ def default_prototype_dir() -> Path:
 
 @dataclass(frozen=True)
 class ExampleFolder:
-    """Annotated examples in the ``../shared/data`` layout, resolved.
+    """Annotated examples (``images/``, ``masks/``, ``classes.txt``), resolved.
 
     Attributes:
         root: the folder.

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..refiners.records import Attention
 from .base import check_image
-from .._hub import pair as _pair, hub_offline as _hub_offline
+from .._hub import OFFLINE_ALTERNATIVES as _OFFLINE_ALTERNATIVES, hub_unavailable as _hub_unavailable, pair as _pair
 
 __all__ = [
     "AttentionMode",
@@ -478,7 +478,8 @@ def load_clip(
     if size is not None:
         size = _check_size(size, (1, 1))
     device = str(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    offline = _hub_offline() if local_files_only is None else bool(local_files_only)
+    # no network: resolve in the local cache now instead of a minute of download retries
+    offline = (_hub_unavailable() is not None) if local_files_only is None else bool(local_files_only)
     path = Path(model).expanduser()
     stamp: tuple = ()
     if path.is_dir():
@@ -574,7 +575,7 @@ def _cached_tag_file(name: str, tag: str, cfg: dict, cache_dir: Optional[str]) -
         tried.append(target)
     raise ValueError(
         f"CLIP weights: {name!r} / {tag!r} is not in the local cache (offline; looked for "
-        f"{tried}); {_HOW_TO_GET}"
+        f"{tried}); {_HOW_TO_GET}; {_OFFLINE_ALTERNATIVES}"
     )
 
 

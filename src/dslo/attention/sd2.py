@@ -64,7 +64,8 @@ from torch import nn
 from ..refiners.grid import resample_attention
 from ..refiners.records import Attention, check_tensor
 from .base import check_image
-from .._hub import hub_offline as _hub_offline, looks_like_path as _looks_like_path
+from .._hub import looks_like_path as _looks_like_path
+from .._hub import hub_cached as _hub_cached, hub_unavailable as _hub_unavailable, missing_hub_weights as _missing_hub_weights
 
 __all__ = [
     "AttentionMode",
@@ -826,7 +827,14 @@ def load_sd2(
         )
     if not _REPO_ID.fullmatch(weights):
         raise ValueError(f"SD2 weights: unknown weights {weights!r}; {_HOW_TO_GET}")
-    offline = _hub_offline() if local_files_only is None else bool(local_files_only)
+    reason = _hub_unavailable() if local_files_only is None else ("local_files_only is set" if local_files_only else None)
+    offline = reason is not None
+    if offline and not _hub_cached(weights, "unet/config.json"):
+        # fail here, in one line, rather than after a minute of download retries per file
+        raise _missing_hub_weights(
+            "SD2", weights, reason,
+            f"download it on a machine with internet (`hf download {weights}`, about 5 GB) and copy the "
+            "Hugging Face cache (~/.cache/huggingface/hub), or pass a diffusers directory (--attention-weights DIR)")
     return _load_cached("hub", weights, offline, (), bool(text_encoder), str(device), dtype)
 
 

@@ -1,10 +1,10 @@
 """The eight benchmarks of the paper in mmseg's standard folder layouts, read here without
 mmseg, and one benchmark evaluated without mmseg (same numbers as mmseg's ``IoUMetric``).
 
-    opened = open_dataset("ade20k", "DATA")    # or a folder in the ../shared/data layout
+    opened = open_dataset("ade20k", "DATA")    # or a folder in the images/ masks/ classes.txt layout
     metrics = evaluate(pipeline, opened)       # {"aAcc", "mIoU", "mAcc", "images", "iou"}
 
-``BENCHMARK_DATA`` names each benchmark's ``DataLayout``; the small ``../shared/data`` sets
+``BENCHMARK_DATA`` names each benchmark's ``DataLayout``; the small development sets (voc14, ade20k4)
 stand in for a benchmark whose folder is absent (``stand_in_root``).
 """
 
@@ -48,7 +48,7 @@ class DataLayout:
         img_suffix, seg_suffix: file suffixes pairing an image with its label map.
         split: the ``ann_file`` listing the evaluated ids (None: every image of ``img_dir``).
         reduce_zero_label: label 0 is "unlabelled": 0 -> 255, others - 1 (mmseg).
-        stand_in: a ``../shared/data`` folder with the same label set, used when ``root`` is
+        stand_in: the name of a small development set with the same label set, used when ``root`` is
             absent, and its ignore label.
     """
 
@@ -149,13 +149,13 @@ class OpenedDataset:
 
 def open_dataset(name: str, data_root: Union[str, Path, None], *, stand_in_root: Union[str, Path, None] = None,
                  limit: Optional[int] = None) -> OpenedDataset:
-    """Open a benchmark (mmseg layout under ``data_root``), or a folder in the ../shared/data layout.
+    """Open a benchmark (mmseg layout under ``data_root``), or a folder in the images/ masks/ classes.txt layout.
 
     Args:
         name: a ``BENCHMARK_DATA`` key, or a folder name under ``data_root`` / a path with
             images/, masks/, classes.txt.
         data_root: where the benchmark folders are (``VOCdevkit/``, ``ADEChallengeData2016/``, ...).
-        stand_in_root: a ../shared/data-style folder; a benchmark whose folder is absent is
+        stand_in_root: a folder of small sets in the images/ masks/ classes.txt layout (voc14, ade20k4); a benchmark whose folder is absent is
             replaced by its stand-in there (voc21/voc20 -> voc14, ade20k -> ade20k4).
         limit: first ``limit`` ids (sorted).
 

@@ -4,7 +4,7 @@
     dslo eval --dataset voc21 --data-root DATA --adapter clip --attention sd2 --solver velocity
     dslo versatility --adapters clip,sc-clip --solvers none,path,velocity --attention sd2,dinov2 \
         --datasets voc21,ade20k --data-root DATA
-    dslo bench quality --data ../shared/data/voc14 --methods raw+bilinear,raw+jbu,velocity,path
+    dslo bench quality --data DATA/voc14 --methods raw+bilinear,raw+jbu,velocity,path
 
 The commands live by job and are registered here: ``cli_segment.py`` (segment, refine: one
 image), ``cli_eval.py`` (eval, versatility: benchmarks), ``cli_bench.py`` (bench quality),

@@ -39,7 +39,7 @@ def write_section(path: Path, section: str, body: str) -> None:
 @_quietly
 def bench_quality(
     ctx: typer.Context,
-    data: List[Path] = typer.Option(..., "--data", help="dataset folder(s) in the ../shared/data layout"),
+    data: List[Path] = typer.Option(..., "--data", help="dataset folder(s) in the images/, masks/, classes.txt layout"),
     methods: str = typer.Option("raw+bilinear,raw+jbu,velocity,path", help="comma-separated; solver[:field=value;...] (use ';' between fields)"),
     logits: str = typer.Option("simulated", help="logit source(s), comma-separated: simulated (errors ignore the image), regions (confused superpixels), prototype (a real model: needs --examples)"),
     examples: Optional[Path] = typer.Option(None, help="--logits prototype: annotated folder to build class prototypes from"),
@@ -68,7 +68,7 @@ def bench_quality(
     Under ``torchrun --nproc_per_node K`` each rank scores a shard of the images; confusion
     matrices are summed across ranks, so the table equals a single-process run; rank 0 writes it.
     """
-    from rich.progress import track
+    bar = _rich_progress()  # a bar on a terminal, a line every ~10 % in a log
 
     from ..integrations.bench import drop_examples, init_distributed, load_dataset, quality_table, run_quality
     from ..integrations.pipeline import build_provider, provider_weights
@@ -116,7 +116,7 @@ def bench_quality(
                     json_dir / ds.name if len(sources) == 1 else json_dir / src.name.split(" ")[0] / ds.name)
                 results[(src.name, ds.name)] = run_quality(
                     ds, method_list, provider, seed=seed, source=src, logits_grid=logits_grid or None,
-                    per_image_dir=json_sub, progress=lambda xs, n=f"{src.name.split(' ')[0]} {ds.name}": track(xs, description=n))
+                    per_image_dir=json_sub, progress=lambda xs, n=f"{src.name.split(' ')[0]} {ds.name}": bar(xs, n, len(xs)))
     except ValueError as exc:
         _fail(str(exc))
     if not results:

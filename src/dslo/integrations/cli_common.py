@@ -143,7 +143,14 @@ def _cache_arg(cache: bool, cache_dir: Optional[Path]):
 
 
 def _rich_progress():
-    """(iterable, description, total) -> iterable with a rich progress bar on stderr."""
+    """(iterable, description, total) -> iterable that reports progress on stderr: a rich
+    progress bar on a terminal; otherwise (a log file, a pipe, a CI job) a plain line about
+    every 10 % with the count and the elapsed time, so long work is visible there too."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return _line_progress
+
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -153,3 +160,20 @@ def _rich_progress():
             yield from progress.track(items, total=total, description=description)
 
     return wrap
+
+
+def _line_progress(items, description, total):
+    """A line on stderr at about every 10 % of ``total`` (and at the end): "DESC: 37/367 (10 %, 45 s)"."""
+    import sys
+    import time
+
+    total = int(total) if total else 0
+    marks = {max(1, round(total * k / 10)) for k in range(1, 11)} if total > 0 else set()
+    started = time.monotonic()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        if done in marks:
+            print(f"{description}: {done}/{total} ({100 * done // total} %, {time.monotonic() - started:.0f} s)",
+                  file=sys.stderr, flush=True)

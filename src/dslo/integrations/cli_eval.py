@@ -183,9 +183,9 @@ def versatility(
     adapters: str = typer.Option("clip", help="comma-separated: clip, sc-clip, cass, proxyclip"),
     solvers: str = typer.Option("none,path,velocity", help="comma-separated solvers; none = the adapter's own prediction"),
     attention: str = typer.Option("sd2", help="comma-separated providers: sd2, dinov2, clip, affinity, own"),
-    datasets: str = typer.Option("voc21", help="comma-separated benchmarks (voc21, voc20, context60, context59, coco-object, coco-stuff, cityscapes, ade20k) or ../shared/data-style folders"),
+    datasets: str = typer.Option("voc21", help="comma-separated benchmarks (voc21, voc20, context60, context59, coco-object, coco-stuff, cityscapes, ade20k) or folders in the images/, masks/, classes.txt layout"),
     data_root: Optional[Path] = typer.Option(None, help="folder holding the benchmarks in mmseg's layout"),
-    stand_in_root: Optional[Path] = typer.Option(None, help="../shared/data-style folder replacing absent benchmarks (voc21/voc20 -> voc14, ade20k -> ade20k4); default ../shared/data when present"),
+    stand_in_root: Optional[Path] = typer.Option(None, help="only when given: a folder of small sets in the images/, masks/, classes.txt layout (voc14, ade20k4) that stand in for absent benchmarks (voc21/voc20 -> voc14, ade20k -> ade20k4), marked * in the table; default: an absent benchmark is an error"),
     results_dir: Path = typer.Option(Path("results"), help="where versatility.md/.csv/.png go"),
     cells_dir: Optional[Path] = typer.Option(None, help="one JSON per cell (default RESULTS_DIR/versatility)"),
     model: str = typer.Option("ViT-B-16", help="open_clip model name or model-config JSON"),
@@ -212,8 +212,6 @@ def versatility(
     rank, world = init_distributed()
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     att_list = split(attention)
-    if stand_in_root is None and Path("../shared/data").is_dir():
-        stand_in_root = Path("../shared/data")
     if device is None and world > 1 and __import__("torch").cuda.is_available():
         device = f"cuda:{__import__('os').environ.get('LOCAL_RANK', '0')}"
     command = _command_line(ctx)

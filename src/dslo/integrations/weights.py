@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from .._hub import hub_offline
+from .._hub import OFFLINE_ALTERNATIVES, hub_offline, hub_unavailable
 
 __all__ = ["ClipWeights", "hub_offline", "load_clip_model", "locate_clip_weights", "resolve_repo_dir"]
 
@@ -126,10 +126,12 @@ def locate_clip_weights(model: str = "ViT-B-16", pretrained: Optional[str] = "op
         cached = _hub_cached(repo, filename, None)
     if cached is not None:
         return ClipWeights(model, config, tag, Path(cached), quick, repo, filename)
-    if hub_offline():
+    reason = hub_unavailable()
+    if reason is not None:
+        # fail now, in one line, rather than after a minute of download retries
         raise ValueError(f"missing weights: open_clip {model} '{tag}' from {_where(repo, filename, cfg)} is not in "
-                         f"the Hugging Face cache{' or ' + str(wdir) if wdir else ''} and HF_HUB_OFFLINE is set; "
-                         f"{_how(model, tag, repo, filename)}")
+                         f"the Hugging Face cache{' or ' + str(wdir) if wdir else ''} and {reason}; "
+                         f"{_how(model, tag, repo, filename)}; {OFFLINE_ALTERNATIVES}")
     return ClipWeights(model, config, tag, None, quick, repo, filename)
 
 
