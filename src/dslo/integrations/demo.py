@@ -266,7 +266,10 @@ def build_page(app: DemoApp):
                 return (None, f"**error:** {first}", "", [], "", None, None, gr.Dropdown(choices=[], value=None),
                         None, None, None)
             ran = [r.label for r in result.runs if r.output is not None]
-            first = ran[0] if ran else None
+            # the stage view opens on a dslo solver when one ran: its stages are the interesting ones
+            solvers = [r.label for r in result.runs if r.output is not None and r.method in ("path", "velocity",
+                                                                                          "fusion", "propagate")]
+            first = (solvers or ran or [None])[0]
             failed = [f"{r.label}: {r.error}" for r in result.runs if r.output is None]
             note = f"compared {len(result.runs)} runs on {len(result.class_names)} classes" + (
                 "; " + "; ".join(failed) if failed else "")

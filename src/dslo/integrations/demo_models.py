@@ -141,13 +141,12 @@ class Catalogue:
     def _clip_weights_reason(self) -> Optional[str]:
         from .provenance import weights_files
 
+        missing = "CLIP ViT-B-16 (openai) weights are not on this machine (Hugging Face cache or --weights-dir)"
         try:
             files = weights_files("clip", "ViT-B-16", self.weights_dir, pretrained="openai")
-        except ValueError as exc:
-            return _first_line(exc)
-        if files is None:
-            return "CLIP ViT-B-16 (openai) weights are not on this machine (Hugging Face cache or --weights-dir)"
-        return None
+        except ValueError:  # the loader's own message is several sentences; the page needs one
+            return missing
+        return missing if files is None else None
 
     def _build_clip_adapter(self, name: str):
         from .pipeline import build_adapter_by_name
@@ -173,9 +172,8 @@ class Catalogue:
                         files = weights_files("clip", model, self.weights_dir, pretrained=tag or "openai")
                     else:
                         files = weights_files(name, weights, self.weights_dir)
-                except (ValueError, OSError, ImportError) as exc:
-                    self.unavailable[f"attention {name}"] = _first_line(exc)
-                    continue
+                except (ValueError, OSError, ImportError):
+                    files = None
                 if files is None:
                     self.unavailable[f"attention {name}"] = (
                         f"weights {weights} are not on this machine (Hugging Face cache or --weights-dir)")

@@ -101,7 +101,7 @@ def stage_maps_figure(image: torch.Tensor, run: MethodRun, class_names: Sequence
     axes[0, 0].set_title("photo", fontsize=10)
     axes[0, 1].imshow(overlay(photo, labels.numpy(), len(class_names), 0.6))
     axes[0, 1].set_title(f"{run.label}: labels", fontsize=10)
-    if "nms" in out.stages:
+    if "nms" in out.stages and run.method != "none":  # "none" computes the mask but never applies it
         axes[0, 2].imshow(out.stages["nms"][0].float().cpu().numpy(), cmap="gray", vmin=0, vmax=1,
                           interpolation="nearest")
         axes[0, 2].set_title("NMS: patches kept (white)", fontsize=10)
