@@ -5,6 +5,9 @@ tiny random ViT, and the command line. The browser test is tests/test_demo_brows
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +49,14 @@ def test_photo_checks_say_what_was_expected(tmp_path):
     Image.new("L", (side, side)).save(tmp_path / "huge.png")
     with pytest.raises(ValueError, match=f"huge.png is {side} x {side} .* at most 4.2 Mpx"):
         read_photo(tmp_path / "huge.png")
+    # a header claiming 20000 x 20000 pixels: PIL itself refuses it at open
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+    with pytest.raises(ValueError, match="bomb.png is far larger than the demo's 4.2 Mpx"):
+        read_photo(tmp_path / "bomb.png")
     rgba = np.zeros((5, 7, 4), np.uint8)
     rgba[..., 0] = 255
     Image.fromarray(rgba, "RGBA").save(tmp_path / "red.png")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -244,7 +245,8 @@ def build_page(app: DemoApp):
             with gr.Column(scale=2):
                 message = gr.Markdown("", elem_id="message")
                 timings = gr.Markdown("", elem_id="timings")
-                gallery = gr.Gallery(label="masks (label colours over the photo)", columns=3, elem_id="masks")
+                gallery = gr.Gallery(label="masks (label colours over the photo)", columns=4, height="auto",
+                                     elem_id="masks")
                 key = gr.HTML("", elem_id="key")
                 table = gr.Dataframe(headers=["method", "attention", "seconds", "mIoU", "pixel accuracy", "note"],
                                      label="results", elem_id="results", interactive=False)
@@ -261,8 +263,12 @@ def build_page(app: DemoApp):
         def on_compare(photo_, mask_, model_, classes_, attention_, methods_):
             try:
                 result = app.compare(photo_, mask_, model_, classes_, attention_, methods_)
-            except ValueError as exc:
+            except Exception as exc:  # the page shows one line; the server's log keeps the traceback of a bug
+                if not isinstance(exc, ValueError):
+                    traceback.print_exc()
                 first = " ".join(str(exc).strip().splitlines()[:1])
+                if not isinstance(exc, ValueError):
+                    first = f"unexpected {type(exc).__name__}: {first} (details in the terminal running dslo demo)"
                 return (None, f"**error:** {first}", "", [], "", None, None, gr.Dropdown(choices=[], value=None),
                         None, None, None)
             ran = [r.label for r in result.runs if r.output is not None]

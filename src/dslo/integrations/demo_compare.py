@@ -113,6 +113,9 @@ def _open_image(path: Union[str, Path], what: str):
         raise ValueError(f"{what}: file not found: {path.name}")
     try:
         img = Image.open(path)
+    except Image.DecompressionBombError:  # PIL refuses headers over ~179 Mpx before we can
+        raise ValueError(f"{what}: {path.name} is far larger than the demo's {MAX_PIXELS / 1e6:.1f} Mpx: "
+                         "resize it first") from None
     except (UnidentifiedImageError, OSError):
         raise ValueError(f"{what}: {path.name} is not an image (expected PNG, JPEG, WebP, BMP or TIFF)") from None
     w, h = img.size
