@@ -44,8 +44,11 @@ def demo(
     except ValueError as exc:
         _fail(str(exc))
     if not catalogue.models:
-        _fail("no model can run here: " + "; ".join(f"{k}: {v}" for k, v in catalogue.unavailable.items()
-                                                   if k.startswith("model")))
+        reasons: dict = {}  # the four CLIP adapters share one reason: say it once
+        for what, why in catalogue.unavailable.items():
+            if what.startswith("model "):
+                reasons.setdefault(why, []).append(what.removeprefix("model "))
+        _fail("no model can run here: " + "; ".join(f"{', '.join(names)}: {why}" for why, names in reasons.items()))
     app = DemoApp(catalogue, images=images)
     typer.echo(f"dslo demo: models {catalogue.models}, attention {catalogue.providers}; temporary files in {app.folder}")
     try:
