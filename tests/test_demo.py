@@ -231,8 +231,9 @@ def test_compare_runs_model_and_attention_once_and_writes_only_in_its_folder(tin
         assert adapter.calls == 1 and dinov2.calls == 1
         labels = [r.label for r in result.runs]
         assert labels == ["none", "velocity @ affinity", "velocity @ dinov2", "lposs+ @ affinity", "lposs+ @ dinov2"]
-        assert "needs attention features" in result.run("lposs+ @ affinity").error
-        assert result.run("lposs+ @ dinov2").output is not None
+        assert "needs attention features" in next(r for r in result.runs if r.label == "lposs+ @ affinity").error
+        assert "lposs+ @ dinov2" in result.ran and "lposs+ @ affinity" not in result.ran
+        assert all(r.output is None for r in result.runs)  # dropped: the session keeps labels and stage data
         assert [t.split(":")[0] for t in result.timings] == ["model prototype", "attention affinity", "attention dinov2"]
         rows = {(r["method"], r["attention"]): r for r in result.table}
         assert 0 <= rows[("velocity", "dinov2")]["mIoU"] <= 100 and rows[("none", "-")]["pixel accuracy"] is not None
@@ -241,7 +242,10 @@ def test_compare_runs_model_and_attention_once_and_writes_only_in_its_folder(tin
         path = result.mask_file("velocity @ dinov2")
         saved = Image.open(path)
         assert saved.mode == "P"
-        assert np.array_equal(np.asarray(saved), result.run("velocity @ dinov2").output.labels[0].numpy())
+        assert np.array_equal(np.asarray(saved), result.labels["velocity @ dinov2"].numpy())
+        assert len(result.overlays) == 5 and result.overlays[-1][1] == "ground truth"  # 4 that ran + the truth
+        with pytest.raises(ValueError, match="did not run: lposs\\+ needs attention features"):
+            result.mask_file("lposs+ @ affinity")
         assert Image.open(result.figure).size[0] > 300
         assert result.stages_picture("velocity @ dinov2").shape[-1] == 3
         # a second comparison on the same photo reuses the model and attention
@@ -282,7 +286,7 @@ def test_compare_turns_bad_input_into_one_line(tiny, tmp_path):
         assert catalogue.unavailable["attention sd2"].startswith("weights file truncated")
         assert "attention sd2: weights file truncated" in "\n".join(app.unavailable_lines())
         # the methods that need no attention still run without a provider
-        assert app.compare(photo, None, "prototype", "", [], ["none", "pamr"]).runs[1].output is not None
+        assert app.compare(photo, None, "prototype", "", [], ["none", "pamr"]).ran == ["none", "pamr"]
     finally:
         app.close()
 

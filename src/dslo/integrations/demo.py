@@ -28,7 +28,7 @@ import torch
 from .demo_compare import (MAX_PIXELS, METHODS, MethodRun, available_methods, method_needs, parse_class_names,
                            per_class_table, palette_image, read_mask, read_photo, run_methods, score_table)
 from .demo_models import Catalogue
-from .demo_views import class_key_html, comparison_figure, mask_overlays, stage_maps_figure
+from .demo_views import class_key_html, comparison_figure, mask_overlays, stage_data, stage_maps_figure
 
 __all__ = ["DemoApp", "Comparison", "build_page", "serve", "shipped_examples", "MAX_UPLOAD", "IMAGE_SUFFIXES"]
 
@@ -58,12 +58,20 @@ def shipped_examples(extra: Union[str, Path, None] = None) -> list[Path]:
 class Comparison:
     """What one press of "Compare" produced (kept in the session for the stage view).
 
+    The runs' full outputs are dropped once the tables and pictures are made (a method's
+    scores at a 4 Mpx photo take C x 16 MB); what the page still needs is kept: each run's
+    labels (the mask download) and ``StageData`` (the stage view).
+
     Attributes:
         image: (1, 3, H, W) in [0, 1]; class_names: the C compared classes.
-        runs: ``MethodRun`` per (method, provider); ground_truth: (H, W) or None.
+        runs: ``MethodRun`` per (method, provider), outputs dropped; ``error`` None = it ran.
+        ground_truth: (H, W) or None.
         table: ``score_table`` rows; per_class: ``per_class_table`` rows (empty without truth).
         timings: "model ..." and "attention ..." lines (seconds, computed or reused).
         folder: the temporary folder holding this comparison's files.
+        overlays: (picture, caption) per run and the truth (``demo_views.mask_overlays``).
+        key: the class key (HTML).
+        labels: run label -> (H, W) labels; stages: run label -> ``StageData``.
         figure: the comparison PNG.
     """
 
@@ -75,24 +83,32 @@ class Comparison:
     per_class: list[dict]
     timings: list[str]
     folder: Path
+    overlays: list = field(default_factory=list)
+    key: str = ""
+    labels: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
     figure: Optional[Path] = None
     masks: dict = field(default_factory=dict)
 
-    def run(self, label: str) -> MethodRun:
-        for r in self.runs:
-            if r.label == label:
-                return r
-        raise ValueError(f"no method {label!r} in this comparison; ran: {[r.label for r in self.runs]}")
+    @property
+    def ran(self) -> list[str]:
+        """Labels of the runs that produced labels, in run order."""
+        return [r.label for r in self.runs if r.label in self.labels]
+
+    def _check(self, label: str) -> None:
+        if label not in self.labels:
+            run = next((r for r in self.runs if r.label == label), None)
+            if run is None:
+                raise ValueError(f"no method {label!r} in this comparison; ran: {self.ran}")
+            raise ValueError(f"{label} did not run: {run.error}")
 
     def mask_file(self, label: str) -> Path:
         """The palette PNG of one run's labels (written on first request)."""
-        run = self.run(label)
-        if run.output is None:
-            raise ValueError(f"{label} did not run: {run.error}")
+        self._check(label)
         if label not in self.masks:
             safe = "".join(ch if ch.isalnum() or ch in "+-" else "_" for ch in label)
             path = self.folder / f"mask_{safe}.png"
-            palette_image(run.output.labels[0], len(self.class_names)).save(path)
+            palette_image(self.labels[label].long(), len(self.class_names)).save(path)
             self.masks[label] = path
         return self.masks[label]
 
@@ -101,7 +117,8 @@ class Comparison:
         import matplotlib.pyplot as plt
         import numpy as np
 
-        fig = stage_maps_figure(self.image, self.run(label), self.class_names)
+        self._check(label)
+        fig = stage_maps_figure(self.image, self.stages[label], self.class_names)
         try:
             fig.canvas.draw()
             picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
@@ -192,6 +209,13 @@ class DemoApp:
         result = Comparison(image, list(names), runs, gt, table, per_class, timings, folder)
         if any(r.output is not None for r in runs):
             result.figure = comparison_figure(image, runs, names, folder / "comparison.png", gt)
+        result.overlays = mask_overlays(image, runs, len(names), gt)
+        result.key = class_key_html(runs, names, gt)
+        for r in runs:
+            if r.output is not None:
+                data = stage_data(r, len(names))
+                result.labels[r.label], result.stages[r.label] = data.labels, data
+                r.output = None
         return result
 
 
@@ -271,24 +295,23 @@ def build_page(app: DemoApp):
                     first = f"unexpected {type(exc).__name__}: {first} (details in the terminal running dslo demo)"
                 return (None, f"**error:** {first}", "", [], "", None, None, gr.Dropdown(choices=[], value=None),
                         None, None, None)
-            ran = [r.label for r in result.runs if r.output is not None]
+            ran = result.ran
             # the stage view opens on a dslo solver when one ran: its stages are the interesting ones
-            solvers = [r.label for r in result.runs if r.output is not None and r.method in ("path", "velocity",
-                                                                                          "fusion", "propagate")]
+            solvers = [r.label for r in result.runs if r.label in ran and r.method in ("path", "velocity",
+                                                                                    "fusion", "propagate")]
             first = (solvers or ran or [None])[0]
-            failed = [f"{r.label}: {r.error}" for r in result.runs if r.output is None]
+            failed = [f"{r.label}: {r.error}" for r in result.runs if r.label not in ran]
             note = f"compared {len(result.runs)} runs on {len(result.class_names)} classes" + (
                 "; " + "; ".join(failed) if failed else "")
             header = list(result.table[0].keys())
             rows = [[r[h] if r[h] is not None else "" for h in header] for r in result.table]
             per = None
             if result.per_class:
-                cols = ["class"] + [r.label for r in result.runs if r.output is not None]
+                cols = ["class"] + ran
                 per = {"headers": cols, "data": [[row.get(c) if row.get(c) is not None else "" for c in cols]
                                                   for row in result.per_class]}
             return (result, note, " · ".join(result.timings),
-                    mask_overlays(result.image, result.runs, len(result.class_names), result.ground_truth),
-                    class_key_html(result.runs, result.class_names, result.ground_truth),
+                    result.overlays, result.key,
                     {"headers": header, "data": rows}, per,
                     gr.Dropdown(choices=ran, value=first),
                     result.stages_picture(first) if first else None,

@@ -8,6 +8,7 @@ as the stage figures of ``dslo segment --figure`` and the palette masks the page
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -17,7 +18,7 @@ import torch
 from .demo_compare import MethodRun
 from .figures import build_stage_figure, legend_entries, overlay, robust_limits
 
-__all__ = ["mask_overlays", "class_key_html", "stage_maps_figure", "comparison_figure"]
+__all__ = ["mask_overlays", "class_key_html", "StageData", "stage_data", "stage_maps_figure", "comparison_figure"]
 
 
 def _photo(image: torch.Tensor) -> np.ndarray:
@@ -69,19 +70,58 @@ def class_key_html(runs: Sequence[MethodRun], class_names: Sequence[str],
     return "<div><b>class key</b><br>" + "".join(items) + "</div>" if items else ""
 
 
-def stage_maps_figure(image: torch.Tensor, run: MethodRun, class_names: Sequence[str], max_classes: int = 3):
+@dataclass
+class StageData:
+    """What the stage view of one run needs, without the run's full output (a method's scores
+    at a 4 Mpx photo are C x 16 MB; the page keeps this instead for every run of a session).
+
+    Attributes:
+        label, method: the run's label and method.
+        labels: (H, W) int labels (uint8 up to 256 classes).
+        probabilities: (C, h, w) softmax on the patch grid.
+        nms: (h, w) bool, patches kept by NMS, or None (the rivals have no NMS).
+        classes: the class ids shown (those winning the most pixels, at most ``max_classes``).
+        maps: (k, h', w') the method's map of each shown class (patch grid; a rival's output).
+        scores: (k, H, W) the upsampled score of each shown class.
+    """
+
+    label: str
+    method: str
+    labels: torch.Tensor
+    probabilities: torch.Tensor
+    nms: Optional[torch.Tensor]
+    classes: list
+    maps: torch.Tensor
+    scores: torch.Tensor
+
+
+def stage_data(run: MethodRun, num_classes: int, max_classes: int = 3) -> StageData:
+    """``StageData`` of a run computed with stages (``demo_compare.run_methods``)."""
+    out = run.output
+    if out is None or "probabilities" not in out.stages:
+        raise ValueError(f"stage maps: {run.label} has no stages ({run.error or 'not run'})")
+    labels = out.labels[0].cpu()
+    counts = torch.bincount(labels.flatten(), minlength=num_classes)
+    shown = [int(k) for k in counts.argsort(descending=True)[:max_classes] if counts[k] > 0]
+    nms = out.stages.get("nms") if run.method != "none" else None  # "none" computes it, never applies it
+    return StageData(run.label, run.method, labels.to(torch.uint8) if num_classes <= 256 else labels,
+                     out.stages["probabilities"][0].float().cpu(), None if nms is None else nms[0].cpu(),
+                     shown, out.stages["map"][0, shown].float().cpu().clone(), out.scores[0, shown].float().cpu().clone())
+
+
+def stage_maps_figure(image: torch.Tensor, data: StageData, class_names: Sequence[str]):
     """The stages of one method as a matplotlib ``Figure`` (close it with ``plt.close``).
 
     Row 0: the photo, the labels over it, the NMS mask (patches whose top probability passes
-    the threshold: white = kept; dslo's solvers only). One row per class that wins the most
-    pixels (at most ``max_classes``): its softmax on the patch grid (0..1), the method's map
+    the threshold: white = kept; dslo's solvers only). One row per shown class (``data.classes``,
+    those winning the most pixels): its softmax on the patch grid (0..1), the method's map
     (dslo: the solver's discrepancy map on the patch grid; a rival: its output scores), and
     the score after upsampling (JBU for dslo, at the photo's size), each on its own robust
     scale (``figures.robust_limits``).
 
     Args:
         image: (1, 3, H, W) in [0, 1].
-        run: a run whose output was computed with stages (``demo_compare.run_methods``).
+        data: ``stage_data`` of the run.
         class_names: C names.
     """
     import matplotlib
@@ -89,32 +129,24 @@ def stage_maps_figure(image: torch.Tensor, run: MethodRun, class_names: Sequence
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = run.output
-    if out is None or "probabilities" not in out.stages:
-        raise ValueError(f"stage maps: {run.label} has no stages ({run.error or 'not run'})")
-    labels = out.labels[0].cpu()
-    counts = torch.bincount(labels.flatten(), minlength=len(class_names))
-    shown = [int(k) for k in counts.argsort(descending=True)[:max_classes] if counts[k] > 0]
-    fig, axes = plt.subplots(1 + len(shown), 3, figsize=(10.5, 3.0 * (1 + len(shown))), squeeze=False)
+    fig, axes = plt.subplots(1 + len(data.classes), 3, figsize=(10.5, 3.0 * (1 + len(data.classes))), squeeze=False)
     photo = _photo(image)
     axes[0, 0].imshow(photo)
     axes[0, 0].set_title("photo", fontsize=10)
-    axes[0, 1].imshow(overlay(photo, labels.numpy(), len(class_names), 0.6))
-    axes[0, 1].set_title(f"{run.label}: labels", fontsize=10)
-    if "nms" in out.stages and run.method != "none":  # "none" computes the mask but never applies it
-        axes[0, 2].imshow(out.stages["nms"][0].float().cpu().numpy(), cmap="gray", vmin=0, vmax=1,
-                          interpolation="nearest")
+    axes[0, 1].imshow(overlay(photo, data.labels.long().numpy(), len(class_names), 0.6))
+    axes[0, 1].set_title(f"{data.label}: labels", fontsize=10)
+    if data.nms is not None:
+        axes[0, 2].imshow(data.nms.float().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axes[0, 2].set_title("NMS: patches kept (white)", fontsize=10)
     else:
-        axes[0, 2].text(0.5, 0.5, f"{run.method}: no NMS stage", ha="center", va="center", fontsize=10)
-    scores = out.scores[0]
-    for i, k in enumerate(shown, start=1):
+        axes[0, 2].text(0.5, 0.5, f"{data.method}: no NMS stage", ha="center", va="center", fontsize=10)
+    for i, k in enumerate(data.classes, start=1):
         name = class_names[k]
-        panels = [(out.stages["probabilities"][0, k], f"{name}: softmax", (0.0, 1.0), "magma"),
-                  (out.stages["map"][0, k], f"{name}: {run.method} map", None, "viridis"),
-                  (scores[k], f"{name}: upsampled score", None, "viridis")]
+        panels = [(data.probabilities[k], f"{name}: softmax", (0.0, 1.0), "magma"),
+                  (data.maps[i - 1], f"{name}: {data.method} map", None, "viridis"),
+                  (data.scores[i - 1], f"{name}: upsampled score", None, "viridis")]
         for j, (values, title, limits, cmap) in enumerate(panels):
-            v = values.float().cpu().numpy()
+            v = values.numpy()
             lo, hi = limits if limits is not None else robust_limits(v)
             im = axes[i, j].imshow(v, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
             axes[i, j].set_title(title, fontsize=9)
