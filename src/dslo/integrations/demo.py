@@ -106,7 +106,7 @@ class Comparison:
         """The palette PNG of one run's labels (written on first request)."""
         self._check(label)
         if label not in self.masks:
-            safe = "".join(ch if ch.isalnum() or ch in "+-" else "_" for ch in label)
+            safe = "".join(ch if ch.isalnum() or ch in "+-" else "_" for ch in label.replace(" @ ", "_at_"))
             path = self.folder / f"mask_{safe}.png"
             palette_image(self.labels[label].long(), len(self.class_names)).save(path)
             self.masks[label] = path
