@@ -36,6 +36,23 @@ def _table(page, selector: str) -> list[list[str]]:
     return [[c.strip() for c in rows.nth(i).locator("[role=gridcell]").all_inner_texts()] for i in range(rows.count())]
 
 
+def _upload_status(port: int, size: int) -> int:
+    """HTTP status of a multipart upload of ``size`` bytes to Gradio's upload route."""
+    import urllib.error
+    import urllib.request
+
+    boundary = "dslo-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.bin\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + bytes(size) + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/gradio_api/upload", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def test_page_compares_two_methods_on_a_shipped_example(tmp_path, monkeypatch):
     if not Path(CHROMIUM).is_file():
         pytest.skip("chromium not installed (apt-get install -y chromium chromium-driver)")
@@ -70,6 +87,7 @@ def test_page_compares_two_methods_on_a_shipped_example(tmp_path, monkeypatch):
     port = _free_port()
     page_app = serve(app, host="127.0.0.1", port=port, block=False)
     try:
+        upload_status = _upload_status(port, 25 * 2**20 + 1)
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -108,6 +126,7 @@ def test_page_compares_two_methods_on_a_shipped_example(tmp_path, monkeypatch):
         page_app.close()
         expected = app.compare(example, tmp_path / "truth.png", "prototype", "", ["dinov2"], ["velocity", "path"])
         app.close()
+    assert upload_status == 413  # over MAX_UPLOAD: refused before it is stored
     assert [r[:2] for r in rows] == [["velocity", "dinov2"], ["path", "dinov2"]]
     for row, want in zip(rows, expected.table):
         assert float(row[2]) > 0

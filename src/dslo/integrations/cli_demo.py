@@ -23,6 +23,7 @@ def demo(
 ) -> None:
     """A local page comparing refiners and attention providers on your own photo (offline)."""
     import os
+    import signal
 
     try:
         import gradio  # noqa: F401
@@ -50,6 +51,11 @@ def demo(
                 reasons.setdefault(why, []).append(what.removeprefix("model "))
         _fail("no model can run here: " + "; ".join(f"{', '.join(names)}: {why}" for why, names in reasons.items()))
     app = DemoApp(catalogue, images=images)
+
+    def stop(*_):  # a plain kill ends the page like Ctrl-C does: the temporary folder is removed
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     typer.echo(f"dslo demo: models {catalogue.models}, attention {catalogue.providers}; temporary files in {app.folder}")
     try:
         serve(app, host=host, port=port)
