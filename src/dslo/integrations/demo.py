@@ -228,10 +228,6 @@ Photos up to {mpx:.1f} Mpx, uploads up to {upload}; a ground-truth mask (palette
 indices into the model's classes, 255 = ignored) adds mIoU and pixel accuracy."""
 
 
-def _markdown_table(rows: list[dict]) -> list[list]:
-    return [list(r.values()) for r in rows]
-
-
 def build_page(app: DemoApp):
     """The Gradio ``Blocks`` of the page around ``app`` (not launched)."""
     import gradio as gr
