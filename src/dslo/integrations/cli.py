@@ -8,7 +8,7 @@
 
 The commands live by job and are registered here: ``cli_segment.py`` (segment, refine: one
 image), ``cli_eval.py`` (eval, versatility: benchmarks), ``cli_bench.py`` (bench quality),
-``cli_cache.py`` (cache info, cache clear); ``cli_common.py`` holds what they share.
+``cli_cache.py`` (cache info, cache clear), ``cli_demo.py`` (demo: the comparison page); ``cli_common.py`` holds what they share.
 
 Errors from bad input end the command with a one-line message and exit code 2 (no traceback);
 outputs are written to a temporary file and renamed, so a failed run never replaces a good file.
@@ -24,6 +24,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the cli 
 from .cli_bench import bench_quality, write_section
 from .cli_cache import cache_clear, cache_info
 from .cli_common import _Quiet
+from .cli_demo import demo
 from .cli_eval import eval_command, versatility
 from .cli_segment import read_image, read_logits, refine, segment, write_mask
 
@@ -51,6 +52,7 @@ app.command("refine")(refine)
 app.command("segment")(segment)
 app.command("eval")(eval_command)
 app.command("versatility")(versatility)
+app.command("demo")(demo)
 
 
 def main() -> None:
