@@ -75,3 +75,6 @@ def test_training_learns_a_toy_scene(tmp_path):
     logits = adapter(torch.from_numpy(img).permute(2, 0, 1)[None]).logits
     pred = torch.nn.functional.interpolate(logits, size=mask.shape, mode="bilinear").argmax(1)[0]
     assert float((pred == mask).float().mean()) > 0.9
+    # what training records (versions, command-free provenance) survives the safe loader
+    back = CNNAdapter.load(adapter.save(tmp_path / "toy.pt"))
+    assert back.about["frames"] == 6 and back.about["torch"] == str(torch.__version__)

