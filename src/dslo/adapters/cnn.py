@@ -16,10 +16,6 @@ pixels, 14-px patches), so the logits and the ``dinov2`` attention share one gri
 
 from __future__ import annotations
 
-import hashlib
-import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -153,51 +149,30 @@ class CNNAdapter(nn.Module):
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write the weights, class names, size and provenance (atomic; ``load`` checks a digest)."""
+        from .._cachefile import save_entry
+
         state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        payload = buf.getvalue()
-        record = {"format": CNN_FORMAT, "class_names": self.class_names, "width": self.net.width,
-                  "size": self.size, "about": self.about, "state": payload,
-                  "sha256": hashlib.sha256(payload).hexdigest()}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(record, tmp)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a weights file is not
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return save_entry(path, {"format": CNN_FORMAT, "class_names": self.class_names, "width": self.net.width,
+                                 "size": self.size, "about": self.about, "state": state})
 
     @classmethod
     def load(cls, path: Union[str, Path], device: Union[str, torch.device, None] = None) -> "CNNAdapter":
         """Read a file written by ``save`` (``weights_only``: no code is unpickled).
 
         Raises:
-            ValueError: not a dslo CNN file, or its weights do not match their digest.
+            ValueError: no such file, not a dslo CNN file, or its contents do not match their digest.
         """
+        from .._cachefile import payload_digest, read_entry
+
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"CNN weights {path}: no such file (build them with python -m dslo.integrations.train_cnn)")
-        try:
-            record = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated or foreign file
-            raise ValueError(f"CNN weights {path}: not a dslo CNN file ({type(err).__name__})") from None
-        if not isinstance(record, dict) or record.get("format") != CNN_FORMAT:
-            raise ValueError(f"CNN weights {path}: expected format {CNN_FORMAT!r}")
-        payload = record["state"]
-        if hashlib.sha256(payload).hexdigest() != record.get("sha256"):
-            raise ValueError(f"CNN weights {path}: the weights do not match their sha256 (file damaged)")
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        record, reason = read_entry(path, CNN_FORMAT, None)
+        if record is None:
+            raise ValueError(f"CNN weights {path}: not a sound dslo CNN file ({reason})")
         net = TinySegNet(len(record["class_names"]), width=int(record["width"]))
-        net.load_state_dict(state)
+        net.load_state_dict(record["state"])
         if device is not None:
             net = net.to(device)
-        about = dict(record.get("about") or {}, sha256=record["sha256"])
+        about = dict(record.get("about") or {}, sha256=payload_digest(record))
         return cls(net, record["class_names"], size=int(record["size"]), about=about)

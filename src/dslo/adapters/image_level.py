@@ -25,9 +25,6 @@ neighbouring patches ~1.8x as frequent as in the ground truth.
 from __future__ import annotations
 
 import hashlib
-import io
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence, Union
@@ -134,24 +131,13 @@ class ClassEmbeddings:
             raise ValueError(f"ClassEmbeddings.tokens: expected one of {TOKEN_PATHS}, got {self.tokens!r}")
 
     def save(self, path: Union[str, Path]) -> Path:
-        """Write atomically; ``load`` checks the payload's sha256."""
-        buf = io.BytesIO()
-        torch.save({"vectors": self.vectors.cpu(), "counts": self.counts.cpu()}, buf)
-        payload = buf.getvalue()
-        record = {"format": _FORMAT, "class_names": list(self.class_names), "tokens": self.tokens,
-                  "center": bool(self.center), "crop": int(self.crop), "size": int(self.size),
-                  "about": dict(self.about), "payload": payload, "sha256": hashlib.sha256(payload).hexdigest()}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(record, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        """Write atomically; ``load`` checks the payload's digest."""
+        from .._cachefile import save_entry
+
+        return save_entry(path, {"format": _FORMAT, "vectors": self.vectors.cpu(), "counts": self.counts.cpu(),
+                                 "class_names": list(self.class_names), "tokens": self.tokens,
+                                 "center": bool(self.center), "crop": int(self.crop), "size": int(self.size),
+                                 "about": dict(self.about)})
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "ClassEmbeddings":
@@ -160,20 +146,15 @@ class ClassEmbeddings:
         Raises:
             ValueError: missing, foreign or damaged file.
         """
+        from .._cachefile import read_entry
+
         path = Path(path)
-        try:
-            record = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ValueError(f"class embeddings {path}: no such file") from None
-        except Exception as err:
-            raise ValueError(f"class embeddings {path}: not a dslo class-embeddings file ({type(err).__name__})") from None
-        if not isinstance(record, dict) or record.get("format") != _FORMAT:
-            raise ValueError(f"class embeddings {path}: expected format {_FORMAT!r}")
-        if hashlib.sha256(record["payload"]).hexdigest() != record.get("sha256"):
-            raise ValueError(f"class embeddings {path}: the vectors do not match their sha256 (file damaged)")
-        t = torch.load(io.BytesIO(record["payload"]), map_location="cpu", weights_only=True)
-        return cls(t["vectors"], record["class_names"], t["counts"], record["tokens"], record["center"],
-                   record["crop"], record["size"], record["about"])
+        if not path.is_file():
+            raise ValueError(f"class embeddings {path}: no such file")
+        r, reason = read_entry(path, _FORMAT, None)
+        if r is None:
+            raise ValueError(f"class embeddings {path}: not a sound dslo class-embeddings file ({reason})")
+        return cls(r["vectors"], r["class_names"], r["counts"], r["tokens"], r["center"], r["crop"], r["size"], r["about"])
 
 
 def _class_boxes(labels: torch.Tensor, num_classes: int, pad: float, min_pixels: int):

@@ -333,6 +333,28 @@ def _atomic_write(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _worst_class_table(results: dict, methods: Sequence[str], keys: list, *, multi: bool) -> list:
+    """Lines of a second table: each method's largest per-class IoU loss against ``raw+jbu``
+    (the class named), per cell; empty when raw+jbu was not run. A mean can hide a class the
+    refiner erased; this shows it."""
+    if "raw+jbu" not in methods:
+        return []
+    head = " | ".join(f"{k[0].split(' ')[0]} {k[1]}" if multi else k[1] for k in keys)
+    lines = ["", "Largest per-class IoU loss against `raw+jbu` (class index in the set's class list):", "",
+             f"| method | {head} |", "|---|" + "---:|" * len(keys)]
+    for m in methods:
+        if m == "raw+jbu":
+            continue
+        cells = []
+        for k in keys:
+            base, iou = results[k]["raw+jbu"]["iou"], results[k][m]["iou"]
+            diffs = [(100 * (b2 - b1), c) for c, (b1, b2) in enumerate(zip(base, iou)) if b1 is not None and b2 is not None]
+            worst = min(diffs) if diffs else None
+            cells.append("–" if worst is None else f"{min(0.0, worst[0]):.1f} ({worst[1]})")
+        lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
+    return lines
+
+
 def quality_table(results: dict, methods: Sequence[str], sizes: dict, *, title: str = "", command: str = "") -> str:
     """Markdown table of ``{(source name, set name): run_quality(...)}``.
 
@@ -357,6 +379,7 @@ def quality_table(results: dict, methods: Sequence[str], sizes: dict, *, title: 
             cells = " | ".join(f"{results[k][m]['miou']:.1f}" for k in keys)
         per = sum(results[k][m]["seconds"] for k in keys) / max(images, 1)
         lines.append(f"| `{m}` | {cells} | {per:.2f} |")
+    lines += _worst_class_table(results, methods, keys, multi=len(sources) > 1)
     lines += ["", "Logits: " + "; ".join(sources) + "."]
     if command:
         lines += ["", f"Command: `{command}`"]

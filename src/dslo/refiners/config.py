@@ -19,10 +19,12 @@ PathReading = Literal["relaxed", "joint", "paper"]
 VelocityReading = Literal["arrival", "paper"]
 Upsample = Literal["jbu", "bilinear"]
 KernelDtype = Literal["float32", "bfloat16", "float16"]
+VelocityTies = Literal["start+end", "start"]
 LogitKind = Literal["auto", "cosine", "scores", "log_probs", "probs"]
 
 _CHOICES = {
     "logits": LOGIT_KINDS,
+    "velocity_ties": ("start+end", "start"),
     "solver": ("path", "velocity", "fusion", "kl", "propagate", "none", "pamr", "densecrf", "lposs", "lposs+"),
     "path_reading": ("relaxed", "joint", "paper"),
     "velocity_reading": ("arrival", "paper"),
@@ -36,11 +38,21 @@ class RefinerConfig:
     """Configuration of ``DiscrepancyRefiner`` (frozen; override with ``replace`` or keywords).
 
     Front end (paper section 3, supplement):
-        logit_scale: multiplies the raw cosine logits before any softmax (CLIP's 100).
+        logits: what the logits are: "auto" (default: told apart from the values,
+            ``dslo.refiners.logit_forms``), "cosine", "scores", "log_probs", "probs". An
+            adapter's ``PatchLogits.kind``, passed to the call as ``kind=``, wins over it.
+        logit_scale: multiplies the logits (after ``log`` for probabilities) before any
+            softmax; None (default): CLIP's 100 for cosines, 1 for scores and
+            log-probabilities (a trained model's own calibration).
         early_rejection: keep only classes that win the argmax at some patch.
         nms: zero the class probabilities of patches whose top softmax probability over the
             full vocabulary is below ``nms_threshold`` (paper: 0.9). Feeds the solvers only;
             ``solver="none"`` never applies it (it would leave rejected patches without a label).
+        nms_floor: of the patches each class wins, at least this fraction (its most confident)
+            is kept whatever ``nms_threshold`` says, so an under-confident model never loses
+            most of an image to the cut (measured: results/real-models.md).
+        protect: where the model's top class probability reaches this, its own probabilities
+            replace the solver's (per-patch normalised) map; None (default): off.
 
     Solvers:
         solver: "path" (optimal path, eq. 1-3/13-22), "velocity" (maximum velocity, eq. 10-12),
@@ -68,6 +80,9 @@ class RefinerConfig:
             over patches and chain T (ties everywhere, kept for the record).
         velocity_tau: arrival threshold (paper: 0.3 with its literal rule).
         velocity_steps: Markov steps L.
+        velocity_ties: how "arrival" breaks exact ties (patches reached at the same step):
+            "start+end" (default: the start state and the end state, which favours classes
+            with mass around) or "start" (the model's own belief).
         sharpen: for "velocity" ("arrival") and "propagate": build the chain from A∘A
             (element-wise square) rather than A (measured: velocity 59.5/35.3/54.1 vs
             59.1/30.8/50.7 on voc14/ade20k4/coco1). The path solvers sharpen through their
@@ -118,6 +133,7 @@ class RefinerConfig:
     velocity_reading: VelocityReading = "arrival"
     velocity_tau: float = 0.1
     velocity_steps: int = 20
+    velocity_ties: VelocityTies = "start+end"
     sharpen: bool = True
     upsample: Upsample = "jbu"
     jbu_sigma_spatial2: float = 1.0

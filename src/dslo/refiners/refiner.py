@@ -88,7 +88,8 @@ def discrepancy_map(
         if config.velocity_reading == "paper":
             f = _over_patches(scaled, keep if config.nms else torch.ones_like(keep))
             return paper_velocity(markov_chain(f, chain, config.velocity_steps), config.velocity_tau)
-        return arrival_velocity(markov_chain(nmsd, chain, config.velocity_steps), config.velocity_tau)
+        return arrival_velocity(markov_chain(nmsd, chain, config.velocity_steps), config.velocity_tau,
+                                config.velocity_ties)
     # path, "relaxed" / "joint": cost C = -log T on the doubly stochastic attention T = IPF(A);
     # exp(-(C - min_j C)/eps) = (T / max_j T)^(1/eps): eps = 0.5 squares T, which is the
     # sharpening, so ``sharpen`` does not apply here
@@ -121,7 +122,7 @@ def _compressed_map(nmsd: torch.Tensor, attention: torch.Tensor, config: Refiner
     states = [nmsd]
     for _ in range(config.velocity_steps):
         states.append(ell_left(states[-1], vals, idx))
-    return arrival_velocity(torch.stack(states), config.velocity_tau)
+    return arrival_velocity(torch.stack(states), config.velocity_tau, config.velocity_ties)
 
 
 def _power_kernel(t: torch.Tensor, eps: float) -> torch.Tensor:

@@ -105,7 +105,7 @@ def markov_chain(start: torch.Tensor, transition: torch.Tensor, steps: int) -> t
     return torch.stack(states)
 
 
-def arrival_velocity(states: torch.Tensor, tau: float) -> torch.Tensor:
+def arrival_velocity(states: torch.Tensor, tau: float, ties: str = "start+end") -> torch.Tensor:
     """Velocity 1 / (1 + t) with t the continuous time the chain first reaches ``tau``.
 
     t = 0 when X^(0) >= tau; otherwise t = (l* - 1) + (tau - X^(l*-1)) / (X^(l*) - X^(l*-1))
@@ -118,6 +118,8 @@ def arrival_velocity(states: torch.Tensor, tau: float) -> torch.Tensor:
     Args:
         states: (L + 1, B, C, N) from ``markov_chain``.
         tau: threshold, > 0.
+        ties: what breaks exact ties: "start+end" (the start state and the normalised end
+            state: favours classes with mass around) or "start" (the model's own belief only).
 
     Returns:
         (B, C, N) float in (0, 1].
@@ -136,7 +138,7 @@ def arrival_velocity(states: torch.Tensor, tau: float) -> torch.Tensor:
     t = torch.where(ever, t_reached, t_never)
     v = 1.0 / (1.0 + t)
     scale = end.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
-    tie = 0.5 * states[0].clamp(0, 1) + 0.5 * end / scale
+    tie = 0.5 * states[0].clamp(0, 1) + 0.5 * end / scale if ties == "start+end" else states[0].clamp(0, 1)
     return (v + 1e-4 * tie) / (1.0 + 1e-4)
 
 
