@@ -94,3 +94,33 @@ def test_nms_floor_keeps_part_of_every_winning_class():
     assert torch.equal(nms_mask(z, 0.9, 1.0), torch.ones_like(plain))
     with pytest.raises(ValueError, match="nms_floor"):
         dslo.RefinerConfig(nms_floor=1.5)
+
+
+def test_floor_only_where_the_cut_starves_the_image():
+    g = torch.Generator().manual_seed(1)
+    z = 8.0 * torch.randn(1, 3, 40, generator=g)  # confident: most patches pass 0.9
+    plain = nms_mask(z, 0.9)
+    assert float(plain.float().mean()) >= 0.5
+    assert torch.equal(nms_mask(z, 0.9, 0.5), plain)  # untouched: the cut removes noise there
+
+
+@pytest.mark.parametrize("solver", ["velocity", "path", "propagate"])
+def test_an_under_confident_model_does_not_lose_a_class(solver):
+    """Class 0 sure (p ~0.95) on two columns and fairly sure (~0.8) on the rest of the left
+    half, class 1 unsure (~0.6) on the right half: the 0.9 cut alone keeps 17 % of the patches,
+    all class 0, and the solver hands class 0 the whole image (the trained CNN's collapse);
+    the default's floor keeps each class's best seeds."""
+    _, _, image, truth = blob_problem()
+    left = truth == 0
+    same = (left.flatten()[:, None] == left.flatten()[None, :]).float()
+    att = (same + 0.3) / (same + 0.3).sum(-1, keepdim=True)
+    z = torch.zeros(1, 3, *truth.shape)
+    z[0, 0] = torch.where(left, 2.0, 0.0)
+    z[0, 0, :, :2] = 3.5
+    z[0, 1] = torch.where(left, 0.0, 1.0)
+    z += 0.05 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+    up = torch.nn.functional.interpolate(truth[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0].long()
+    guarded = dslo.DiscrepancyRefiner(solver=solver)(z, att[None], image, kind="scores").labels[0]
+    plain = dslo.DiscrepancyRefiner(solver=solver, nms_floor=0.0)(z, att[None], image, kind="scores").labels[0]
+    assert float((plain == 0).float().mean()) > 0.95  # the collapse the guard exists for
+    assert float((guarded == up).float().mean()) > 0.95

@@ -48,9 +48,10 @@ class RefinerConfig:
         nms: zero the class probabilities of patches whose top softmax probability over the
             full vocabulary is below ``nms_threshold`` (paper: 0.9). Feeds the solvers only;
             ``solver="none"`` never applies it (it would leave rejected patches without a label).
-        nms_floor: of the patches each class wins, at least this fraction (its most confident)
-            is kept whatever ``nms_threshold`` says, so an under-confident model never loses
-            most of an image to the cut (measured: results/real-models.md).
+        nms_floor: in an image where the cut keeps less than this fraction of the patches,
+            each class keeps at least this fraction of the patches it wins (its most
+            confident), so an under-confident model never loses most of an image to the cut;
+            0 turns the guard off (the paper's plain cut). Measured: results/real-models.md.
         protect: where the model's top class probability reaches this, its own probabilities
             replace the solver's (per-patch normalised) map; None (default): off.
 
@@ -121,8 +122,9 @@ class RefinerConfig:
     early_rejection: bool = True
     nms: bool = True
     nms_threshold: float = 0.9
-    nms_floor: float = 0.0
+    nms_floor: float = 0.5
     protect: Optional[float] = None
+    map_power: float = 1.0
     solver: Solver = "velocity"
     ipf_iters: int = 15
     path_reading: PathReading = "relaxed"
@@ -164,6 +166,8 @@ class RefinerConfig:
             raise ValueError(f"RefinerConfig.logit_scale: expected > 0 or None, got {self.logit_scale!r}")
         if self.protect is not None and not 0.0 < float(self.protect) <= 1.0:
             raise ValueError(f"RefinerConfig.protect: expected in (0, 1] or None, got {self.protect!r}")
+        if not float(self.map_power) > 0:
+            raise ValueError(f"RefinerConfig.map_power: expected > 0, got {self.map_power!r}")
         if not 0.0 <= float(self.nms_floor) <= 1.0:
             raise ValueError(f"RefinerConfig.nms_floor: expected in [0, 1], got {self.nms_floor!r}")
         positive = ("path_eps", "path_rho", "velocity_tau", "jbu_sigma_spatial2",

@@ -215,6 +215,12 @@ class DiscrepancyRefiner(nn.Module):
         probs = class_probabilities(sub_scaled, sub_active)
         maps = discrepancy_map(sub_scaled, probs, keep, att, cfg) if att is not None or cfg.solver in ("none", "kl") else None
         maps = maps * sub_active.unsqueeze(-1).to(maps.dtype)
+        if cfg.map_power != 1.0 and cfg.solver not in ("none",):
+            # the solvers' maps are flatter than probabilities (velocity: 1 against 1/2 where the
+            # softmax says 0.9 against 0.05); JBU averages neighbours' maps, so a flat map lets
+            # the class with more area around a pixel win it: thin classes erode
+            maps = maps / maps.amax(1, keepdim=True).clamp_min(_TINY)
+            maps = maps.pow(cfg.map_power)
         if cfg.protect is not None and cfg.solver not in ("none",):
             # where the model is sure, its own belief stands; the solver decides elsewhere
             sure = (probs.amax(1) >= cfg.protect).unsqueeze(1)

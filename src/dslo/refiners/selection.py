@@ -33,16 +33,17 @@ def nms_mask(scaled: torch.Tensor, threshold: float, floor: float = 0.0) -> torc
     probabilities by this mask is the same and never produces NaN. When no patch of an image
     passes, every patch is kept (an all-rejected image would otherwise have no label at all).
 
-    ``floor`` guards under-confident models: of the patches each class wins, at least that
-    fraction (its most confident ones) is kept whatever the threshold, so no class that wins
-    patches loses every seed because the model's probabilities are flat (an absolute cut of
-    0.9 kept 23 % of a trained CNN's patches, nearly all sky, road and car, and the solvers
-    spread those over the image).
+    ``floor`` guards under-confident models: in an image where the cut keeps less than that
+    fraction of the patches, each class keeps at least that fraction of the patches it wins
+    (its most confident ones), so no class loses every seed because the model's
+    probabilities are flat (an absolute cut of 0.9 kept 23 % of a trained CNN's patches,
+    nearly all sky, road and car, and the solvers spread those over the image). Images the
+    cut leaves mostly kept are untouched: there the cut removes noise, as the paper meant.
 
     Args:
         scaled: (B, C, N) log-domain logits (softmax over C = class probabilities).
         threshold: confidence in [0, 1).
-        floor: fraction in [0, 1] of each class's argmax patches always kept.
+        floor: fraction in [0, 1]; 0 turns the guard off.
 
     Returns:
         (B, N) bool.
@@ -63,7 +64,8 @@ def nms_mask(scaled: torch.Tensor, threshold: float, floor: float = 0.0) -> torc
         rank_in_class = rank_sorted - starts.gather(1, sorted_winner)
         quota = (counts.to(conf.dtype) * float(floor)).ceil().long().gather(1, sorted_winner)
         keep_sorted = rank_in_class < quota
-        keep = keep | torch.zeros_like(keep).scatter_(1, order, keep_sorted)
+        starved = keep.float().mean(1, keepdim=True) < float(floor)  # (B, 1)
+        keep = keep | (torch.zeros_like(keep).scatter_(1, order, keep_sorted) & starved)
     empty = ~keep.any(1, keepdim=True)
     return keep | empty
 
