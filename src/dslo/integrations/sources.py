@@ -160,7 +160,7 @@ def build_source(
         kind: "simulated", "regions", "prototype", "clip-like" or "cnn", optionally
             ":probs", ":log_probs" or ":xS" (``FormLogits``).
         examples: for "prototype": the annotated folder the prototypes are built from
-            (``../shared/data`` layout); ``examples_match`` (id prefixes) and
+            (images/, masks/, classes.txt); ``examples_match`` (id prefixes) and
             ``examples_stride`` pick its images; ``layer``/``size``: the ViT layer and input
             size (``dslo.adapters.prototype.build_prototypes``).
         progress: wraps the examples loop, called as ``progress(iterable, description, total)``

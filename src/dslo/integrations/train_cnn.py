@@ -1,6 +1,6 @@
 """Train the small CNN segmenter (``dslo.adapters.cnn``) on annotated frames, on the CPU.
 
-    python -m dslo.integrations.train_cnn --data ../shared/data/camvid367 \
+    python -m dslo.integrations.train_cnn --data DATA/camvid367 \
         --match 0001TP,0006R0 --out results/models/camvid_cnn.pt
 
 Trains from scratch (no pretrained weights exist offline): Adam with cosine decay,
