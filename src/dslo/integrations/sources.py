@@ -296,12 +296,12 @@ def _cached_embeddings(digest: str, size: int, build):
     """ClassEmbeddings under $DSLO_CACHE/class-embeddings, keyed by the examples' digest, the
     options and the format; a damaged or foreign entry is rebuilt with one warning."""
     import hashlib
-    import os
     import sys
 
     from ..adapters.image_level import _FORMAT, ClassEmbeddings
+    from .provenance import cache_base
 
-    root = Path(os.environ.get("DSLO_CACHE") or Path.home() / ".cache" / "dslo") / "class-embeddings"
+    root = cache_base() / "class-embeddings"
     key = hashlib.sha256(f"{_FORMAT}|{digest}|{size}|query-query|224|0.1|200".encode()).hexdigest()[:24]
     path = root / f"{key}.pt"
     if path.is_file():
