@@ -138,8 +138,11 @@ class DiscrepancyRefiner(nn.Module):
     ``DiscrepancyRefiner(solver="velocity")`` or ``DiscrepancyRefiner(config)``; any
     ``RefinerConfig`` field can be given by keyword.
 
-    Call: ``refiner(logits, attention, image) -> RefinerOutput``
-        logits: (B, C, h, w) raw cosine similarities (any float dtype; computed in float32).
+    Call: ``refiner(logits, attention, image, kind=None) -> RefinerOutput``
+        logits: (B, C, h, w) any float dtype (computed in float32): cosine similarities, a
+            classifier's raw scores, log-probabilities or probabilities.
+        kind: what ``logits`` are ("cosine", "scores", "log_probs", "probs"); None or "auto":
+            ``RefinerConfig.logits`` (default "auto": told apart from the values).
         attention: ``Attention`` (matrix (B or 1, N', N') on any grid, resampled to (h, w)) or
             a tensor (B or 1, N, N) with N = h * w (rows are renormalised).
         image: (B, 3, H, W) float in [0, 1]; the output has its size.
@@ -216,9 +219,8 @@ class DiscrepancyRefiner(nn.Module):
         maps = discrepancy_map(sub_scaled, probs, keep, att, cfg) if att is not None or cfg.solver in ("none", "kl") else None
         maps = maps * sub_active.unsqueeze(-1).to(maps.dtype)
         if cfg.map_power != 1.0 and cfg.solver not in ("none",):
-            # the solvers' maps are flatter than probabilities (velocity: 1 against 1/2 where the
-            # softmax says 0.9 against 0.05); JBU averages neighbours' maps, so a flat map lets
-            # the class with more area around a pixel win it: thin classes erode
+            # per-patch contrast of the map before JBU averages neighbours (tried against the
+            # erosion of thin classes; it did not remove it: docs/solvers.md)
             maps = maps / maps.amax(1, keepdim=True).clamp_min(_TINY)
             maps = maps.pow(cfg.map_power)
         if cfg.protect is not None and cfg.solver not in ("none",):
