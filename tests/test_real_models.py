@@ -74,6 +74,8 @@ def test_forms_of_one_source(tmp_path):
     torch.testing.assert_close(FormLogits(base, "log_probs")(sample, ds, (3, 4), 0)[0], torch.log_softmax(raw, 1))
     torch.testing.assert_close(FormLogits(base, "x0.25")(sample, ds, (3, 4), 0)[0], raw * 0.25)
     assert build_source("simulated:probs").name == "simulated:probs"
+    with pytest.raises(ValueError, match="clip-like needs --examples DIR .* to build class embeddings from"):
+        build_source("clip-like:probs")
     for bad in ("x0", "xfoo", "softmax"):
         with pytest.raises(ValueError, match="probs, log_probs or xS"):
             build_source(f"simulated:{bad}")
@@ -89,6 +91,7 @@ def test_cnn_source_maps_classes_and_refuses_its_training_frames(tmp_path):
     logits, vocab = src(ds.load("B_00"), ds, (2, 3), 0)
     assert vocab.tolist() == [1, 0] and logits.shape[:2] == (1, 2)
     assert src.name.startswith("cnn (cnn.pt") and "trained on 1 frames of set A" in src.name
+    assert build_source("cnn:probs", cnn=path).adapter.class_names == ["road", "sky"]  # sets are matched by it
     with pytest.raises(ValueError, match="trained on"):
         src(ds.load("A_00"), ds, (2, 3), 0)
     with pytest.raises(ValueError, match="no such file"):

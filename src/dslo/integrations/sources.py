@@ -124,6 +124,8 @@ class FormLogits:
         # tables name a source by its first word: keep the form in it
         self.name = f"{first}:{form} {rest}".strip()
         self.fingerprints = getattr(source, "fingerprints", None)
+        # what the benchmark reads to skip sets whose classes the model lacks
+        self.adapter = getattr(source, "adapter", None)
 
     def __call__(self, sample, dataset, grid, seed):
         logits, vocab = self.source(sample, dataset, grid, seed)
@@ -187,8 +189,8 @@ def build_source(
     if kind not in ("prototype", "clip-like"):
         raise ValueError(f"--logits: expected one of {LOGIT_SOURCES} (optionally :probs, :log_probs or :xS), got {kind!r}")
     if examples is None:
-        raise ValueError(f"--logits {kind} needs --examples DIR (images/, masks/, classes.txt) to build "
-                         "class prototypes from" if kind == "prototype" else "class embeddings from")
+        what = "class prototypes" if kind == "prototype" else "class embeddings"
+        raise ValueError(f"--logits {kind} needs --examples DIR (images/, masks/, classes.txt) to build {what} from")
     root = Path(examples)
     ids = sorted(p.stem for p in (root / "masks").glob("*.png")) if (root / "masks").is_dir() else []
     if examples_match:
