@@ -257,7 +257,8 @@ class ImageLevelAdapter(nn.Module):
 
     @torch.no_grad()
     def forward(self, image: torch.Tensor, text=None) -> PatchLogits:
-        """image (B, 3, H, W) in [0, 1] -> PatchLogits (B, C, h, w) cosines."""
+        """image (B, 3, H, W) in [0, 1] -> PatchLogits (B, C, h, w) cosines; ``text`` is
+        accepted for the adapter call shape and ignored (the classes are the embeddings')."""
         e = self.embeddings
         tok = patch_tokens(self.model, image, tokens=e.tokens, size=e.size)
         if e.center:
