@@ -52,3 +52,14 @@ def blob_problem(b: int = 1, h: int = 10, w: int = 12, seed: int = 0):
     image[:, 0, :, : w * 4] = 0.9
     image[:, 2, :, w * 4:] = 0.8
     return logits, att, image, truth
+
+
+def tiny_dinov2(layers: int = 3, seed: int = 0):
+    """A tiny random transformers ``Dinov2Model`` (32-d, 2 heads, 14-px patches) in eval mode:
+    the real architecture at test size."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, mlp_ratio=2,
+                                       patch_size=14, image_size=56, initializer_range=0.3)
+    return transformers.Dinov2Model(config).eval()

@@ -25,13 +25,12 @@ CLASSES = ["sky", "road", "car"]
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
+from conftest import tiny_dinov2  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, mlp_ratio=2,
-                                       patch_size=14, image_size=56, initializer_range=0.3)
-    return transformers.Dinov2Model(config).eval()
+    return tiny_dinov2(layers=3)
 
 
 def _write(folder, sample_id, image, mask, suffix=".png"):

@@ -18,7 +18,7 @@ from dslo.integrations.demo_compare import (MAX_PIXELS, per_class_table, palette
                                             read_mask, read_photo, run_methods, score_table)
 from dslo.refiners.records import Attention
 
-from conftest import blob_problem
+from conftest import blob_problem, tiny_dinov2
 
 transformers = pytest.importorskip("transformers")
 
@@ -163,10 +163,7 @@ def test_scores_match_a_hand_count():
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                       patch_size=14, image_size=56, initializer_range=0.3)
-    return transformers.Dinov2Model(config).eval()
+    return tiny_dinov2(layers=2)
 
 
 class _Counting:

@@ -15,13 +15,12 @@ from test_sources import write_set
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import tiny_dinov2  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                       patch_size=14, image_size=56, initializer_range=0.3)
-    return transformers.Dinov2Model(config).eval()
+    return tiny_dinov2(layers=2)
 
 
 def test_changed_last_block_is_what_it_says(tiny):

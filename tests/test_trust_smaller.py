@@ -21,13 +21,12 @@ from dslo.integrations.sources import build_source  # noqa: E402
 
 from test_adapter_prototype import make_examples  # noqa: E402
 
+from conftest import tiny_dinov2  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, mlp_ratio=2,
-                                       patch_size=14, image_size=56, initializer_range=0.3)
-    return transformers.Dinov2Model(config).eval()
+    return tiny_dinov2(layers=3)
 
 
 def _scene(tmp_path, tiny):
