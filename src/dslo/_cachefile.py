@@ -115,6 +115,28 @@ def read_entry(path: Union[str, Path], fmt: str, key: Optional[str]) -> tuple[Op
     return body, ""
 
 
+def require_entry(path: Union[str, Path], fmt: str, what: str, hint: str = "", kind: str = "") -> dict:
+    """``read_entry`` for files a user names: the payload, or ``ValueError`` naming ``what``
+    (e.g. "CNN weights"), the kind of file expected (default ``fmt``) and why (absent: ``hint``
+    says how to make one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {path}: no such file" + (f" ({hint})" if hint else ""))
+    data, reason = read_entry(path, fmt, None)
+    if data is None:
+        raise ValueError(f"{what} {path}: not a sound {kind or fmt} file ({reason})")
+    return data
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """sha256 hex of a file's bytes, read in 4 MiB chunks (weights files are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def folder_problem(path: Union[str, Path]) -> Optional[str]:
     """Why ``path`` cannot hold cache entries (not a folder, not writable), or None.
 

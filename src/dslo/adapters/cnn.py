@@ -162,14 +162,10 @@ class CNNAdapter(nn.Module):
         Raises:
             ValueError: no such file, not a dslo CNN file, or its contents do not match their digest.
         """
-        from .._cachefile import payload_digest, read_entry
+        from .._cachefile import payload_digest, require_entry
 
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"CNN weights {path}: no such file (build them with python -m dslo.integrations.train_cnn)")
-        record, reason = read_entry(path, CNN_FORMAT, None)
-        if record is None:
-            raise ValueError(f"CNN weights {path}: not a sound dslo CNN file ({reason})")
+        record = require_entry(path, CNN_FORMAT, "CNN weights", "build them with python -m dslo.integrations.train_cnn",
+                               kind="dslo CNN")
         net = TinySegNet(len(record["class_names"]), width=int(record["width"]))
         net.load_state_dict(record["state"])
         if device is not None:

@@ -130,14 +130,14 @@ class ClassEmbeddings:
         if self.tokens not in TOKEN_PATHS:
             raise ValueError(f"ClassEmbeddings.tokens: expected one of {TOKEN_PATHS}, got {self.tokens!r}")
 
-    def save(self, path: Union[str, Path]) -> Path:
-        """Write atomically; ``load`` checks the payload's digest."""
+    def save(self, path: Union[str, Path], key: Optional[str] = None) -> Path:
+        """Write atomically with a payload digest (and ``key`` when it is a cache entry)."""
         from .._cachefile import save_entry
 
-        return save_entry(path, {"format": _FORMAT, "vectors": self.vectors.cpu(), "counts": self.counts.cpu(),
-                                 "class_names": list(self.class_names), "tokens": self.tokens,
-                                 "center": bool(self.center), "crop": int(self.crop), "size": int(self.size),
-                                 "about": dict(self.about)})
+        payload = {"format": _FORMAT, "vectors": self.vectors.cpu(), "counts": self.counts.cpu(),
+                   "class_names": list(self.class_names), "tokens": self.tokens, "center": bool(self.center),
+                   "crop": int(self.crop), "size": int(self.size), "about": dict(self.about)}
+        return save_entry(path, payload if key is None else dict(payload, key=key))
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "ClassEmbeddings":
@@ -146,14 +146,13 @@ class ClassEmbeddings:
         Raises:
             ValueError: missing, foreign or damaged file.
         """
-        from .._cachefile import read_entry
+        from .._cachefile import require_entry
 
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"class embeddings {path}: no such file")
-        r, reason = read_entry(path, _FORMAT, None)
-        if r is None:
-            raise ValueError(f"class embeddings {path}: not a sound dslo class-embeddings file ({reason})")
+        return cls.from_payload(require_entry(path, _FORMAT, "class embeddings", kind="dslo class-embeddings"))
+
+    @classmethod
+    def from_payload(cls, r: dict) -> "ClassEmbeddings":
+        """The record from a payload ``save`` wrote (already checked by ``read_entry``)."""
         return cls(r["vectors"], r["class_names"], r["counts"], r["tokens"], r["center"], r["crop"], r["size"], r["about"])
 
 

@@ -29,6 +29,7 @@ from .._cachefile import folder_problem, read_entry, warn
 from .prototype_features import _check_layer, _load, _num_layers, _resolve_model, layer_features
 from .prototype_record import _FORMAT, Prototypes, check_long_side
 from .vocab import read_class_lines
+from .._cachefile import file_sha256 as _file_digest
 
 __all__ = ["ExampleFolder", "read_examples", "build_prototypes", "patch_labels", "default_prototype_dir"]
 
@@ -237,13 +238,6 @@ def _weights_identity(module: Optional[nn.Module], weights: Optional[str]) -> st
         return f"directory:{path.resolve()}:{files}"
     return f"hub:{weights}"
 
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _cache_key(folder: ExampleFolder, *, layer: int, size: Optional[int], min_cover: float, missing: str,

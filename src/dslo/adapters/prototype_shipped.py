@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
 from .prototype_record import Prototypes
+from .._cachefile import file_sha256 as _sha256
 
 __all__ = ["SHIPPED_PROTOTYPES", "shipped_prototypes_path", "shipped_provenance", "load_shipped_prototypes",
            "build_shipped_prototypes", "examples_digest"]
@@ -52,13 +53,6 @@ def shipped_prototypes_path() -> Path:
 def _record_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def shipped_provenance(path: Union[str, Path, None] = None) -> dict:

