@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dslo
-from dslo.refiners.logit_forms import detect_logit_kind, log_domain_logits
+from dslo.refiners.logit_forms import auto_temperature, detect_logit_kind, log_domain_logits
 from dslo.refiners.selection import nms_mask
 
 from conftest import blob_problem
@@ -64,8 +64,9 @@ def test_refiner_labels_do_not_depend_on_the_form(solver):
     base = ref(s, att, image).labels
     for form in (torch.log_softmax(s, 1), torch.softmax(s, 1)):
         assert torch.equal(ref(form, att, image).labels, base)
-    # the call's kind wins over detection: s / 100 lies in [-1, 1] and reads as cosines (x100)
-    staged = dslo.DiscrepancyRefiner(solver=solver, return_stages=True)
+    # the call's kind wins over detection: s / 100 lies in [-1, 1] and reads as cosines (x100
+    # at the kinds' own scales; the default temperature would make both alike)
+    staged = dslo.DiscrepancyRefiner(solver=solver, return_stages=True, logit_scale=None)
     as_cos = staged(s / 100, att, image).stages["probabilities"]
     as_scores = staged(s / 100, att, image, kind="scores").stages["probabilities"]
     assert float(as_cos.amax(1).mean()) > 0.75  # x100: the confidence of s itself
@@ -120,7 +121,81 @@ def test_an_under_confident_model_does_not_lose_a_class(solver):
     z[0, 1] = torch.where(left, 0.0, 1.0)
     z += 0.05 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
     up = torch.nn.functional.interpolate(truth[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0].long()
-    guarded = dslo.DiscrepancyRefiner(solver=solver)(z, att[None], image, kind="scores").labels[0]
-    plain = dslo.DiscrepancyRefiner(solver=solver, nms_floor=0.0)(z, att[None], image, kind="scores").labels[0]
-    assert float((plain == 0).float().mean()) > 0.95  # the collapse the guard exists for
-    assert float((guarded == up).float().mean()) > 0.95
+    plain = dslo.DiscrepancyRefiner(solver=solver, logit_scale=None, nms_floor=0.0)(
+        z, att[None], image, kind="scores").labels[0]
+    assert float((plain == 0).float().mean()) > 0.95  # the collapse the guards exist for
+    # each guard alone prevents it: the floor at the model's own scale, the temperature with the plain cut
+    for options in ({}, {"logit_scale": None}, {"nms_floor": 0.0}):
+        guarded = dslo.DiscrepancyRefiner(solver=solver, **options)(z, att[None], image, kind="scores").labels[0]
+        assert float((guarded == up).float().mean()) > 0.95, options
+
+
+def test_auto_temperature_makes_the_share_confident_whatever_the_form():
+    s = _scores(3, shape=(2, 5, 9, 11), spread=1.0)
+    for share in (0.5, 0.9):
+        t = auto_temperature(s, 0.9, share)
+        assert t.shape == (2,)
+        conf = torch.softmax(s * t.view(2, 1, 1, 1), 1).amax(1).flatten(1)  # (B, N)
+        reached = (conf >= 0.9 - 1e-4).float().mean(1)
+        n = conf.shape[1]
+        assert bool(((reached - share).abs() <= 1.5 / n).all()), (share, reached)
+        # a constant factor divides it; log-softmax and log-probabilities leave it unchanged
+        torch.testing.assert_close(auto_temperature(4 * s, 0.9, share) * 4, t, rtol=1e-4, atol=0)
+        torch.testing.assert_close(auto_temperature(torch.log_softmax(s, 1), 0.9, share), t, rtol=1e-4, atol=0)
+        probs_z, _ = log_domain_logits(torch.softmax(s, 1))
+        torch.testing.assert_close(auto_temperature(probs_z, 0.9, share), t, rtol=1e-4, atol=0)
+
+
+def test_auto_temperature_edge_cases():
+    assert torch.equal(auto_temperature(torch.zeros(3, 1, 4, 4)), torch.ones(3))  # one class
+    tied = torch.zeros(1, 3, 4, 4)  # every patch a tie: never confident, the largest scale, no NaN
+    t = auto_temperature(tied)
+    assert bool(torch.isfinite(t).all()) and float(t) >= 1e7
+    logits, att, image, _ = blob_problem()
+    out = dslo.DiscrepancyRefiner()(torch.zeros_like(logits), att, image, kind="scores")
+    assert out.labels.shape[-2:] == image.shape[-2:]
+    for bad in ({"threshold": 1.0}, {"share": 0.0}, {"share": 1.5}):
+        with pytest.raises(ValueError, match="auto_temperature"):
+            auto_temperature(_scores(), **bad)
+
+
+@pytest.mark.parametrize("solver", ["velocity", "path", "propagate"])
+def test_default_labels_are_the_same_for_every_scale_of_one_model(solver):
+    """x1, x1/4, x4, log-probabilities, probabilities of one model's scores: one result
+    (the per-image temperature undoes the scale), where a fixed scale gives different ones."""
+    logits, att, image, _ = blob_problem()
+    s = (logits - logits.mean(1, keepdim=True)) * 10
+    ref = dslo.DiscrepancyRefiner(solver=solver)
+    base = ref(s, att, image, kind="scores").labels
+    for form in (0.25 * s, 4 * s, torch.log_softmax(s, 1)):
+        assert torch.equal(ref(form, att, image, kind="scores").labels, base)
+    assert torch.equal(ref(torch.softmax(s, 1), att, image).labels, base)
+
+
+def test_raw_and_rivals_keep_the_models_own_scale():
+    """``solver="none"`` and the rivals show the model's own probabilities, not the temperature's."""
+    logits, att, image, _ = blob_problem()
+    s = (logits - logits.mean(1, keepdim=True)) * 3
+    staged = dslo.DiscrepancyRefiner(solver="none", return_stages=True)(s, att, image, kind="scores")
+    # (the softmax over the classes that win somewhere: early rejection)
+    active = staged.active[:, :, None, None]
+    want = torch.softmax(s.masked_fill(~active, float("-inf")), 1)
+    torch.testing.assert_close(staged.stages["probabilities"], want)
+    for solver in ("none", "pamr"):
+        auto = dslo.DiscrepancyRefiner(solver=solver)(s, att, image, kind="scores").scores
+        fixed = dslo.DiscrepancyRefiner(solver=solver, logit_scale=None)(s, att, image, kind="scores").scores
+        torch.testing.assert_close(auto, fixed)
+    velocity = dslo.DiscrepancyRefiner(return_stages=True)(s, att, image, kind="scores")
+    assert float(velocity.stages["probabilities"].amax(1).mean()) > float(torch.softmax(s, 1).amax(1).mean())
+
+
+def test_logit_scale_values():
+    assert dslo.RefinerConfig().logit_scale == "auto"
+    assert dslo.RefinerConfig(logit_scale="100").logit_scale == 100.0  # text options
+    assert dslo.RefinerConfig(logit_scale="none").logit_scale is None
+    assert dslo.RefinerConfig(logit_scale=40).logit_scale == 40
+    for bad in ("hot", 0, -1.0, True):
+        with pytest.raises(ValueError, match="logit_scale"):
+            dslo.RefinerConfig(logit_scale=bad)
+    with pytest.raises(ValueError, match="temperature_share"):
+        dslo.RefinerConfig(temperature_share=0.0)

@@ -8,7 +8,7 @@ results/quality.md for the numbers and the command).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from .records import LOGIT_KINDS
 
@@ -41,17 +41,27 @@ class RefinerConfig:
         logits: what the logits are: "auto" (default: told apart from the values,
             ``dslo.refiners.logit_forms``), "cosine", "scores", "log_probs", "probs". An
             adapter's ``PatchLogits.kind``, passed to the call as ``kind=``, wins over it.
-        logit_scale: multiplies the logits (after ``log`` for probabilities) before any
-            softmax; None (default): CLIP's 100 for cosines, 1 for scores and
-            log-probabilities (a trained model's own calibration).
+        logit_scale: the temperature of the logits (multiplies them, after ``log`` for
+            probabilities) before the solvers' softmax. "auto" (default): per image, the scale
+            at which ``temperature_share`` of the patches reach class probability 0.9
+            (``logit_forms.auto_temperature``; 0.9 is the paper's NMS threshold): the same for every form of one model's logits
+            (x S, log-softmax, softmax), so an under- or over-confident model is refined as a
+            calibrated one. None: the kind's own scale, CLIP's 100 for cosines and 1 for
+            scores and log-probabilities (the default before "auto"; with ``nms_floor=0`` the
+            paper's front end). A number: that scale. ``solver="none"`` and the rivals
+            always take the kind's own scale (or the number): they show the model's own
+            probabilities.
+        temperature_share: for ``logit_scale="auto"``, the share of patches that reach
+            probability 0.9 (0.9: measured on the development sets, results/real-models.md).
         early_rejection: keep only classes that win the argmax at some patch.
         nms: zero the class probabilities of patches whose top softmax probability over the
             full vocabulary is below ``nms_threshold`` (paper: 0.9). Feeds the solvers only;
             ``solver="none"`` never applies it (it would leave rejected patches without a label).
         nms_floor: in an image where the cut keeps less than this fraction of the patches,
             each class keeps at least this fraction of the patches it wins (its most
-            confident), so an under-confident model never loses most of an image to the cut;
-            0 turns the guard off (the paper's plain cut). Measured: results/real-models.md.
+            confident), so an under-confident model never loses most of an image to the cut
+            and a thin class is not cut harder than a large one (default 0.9); 0 turns the
+            guard off (the paper's plain cut). Measured: results/real-models.md.
         protect: where the model's top class probability reaches this, its own probabilities
             replace the solver's (per-patch normalised) map; None (default): off.
 
@@ -117,12 +127,13 @@ class RefinerConfig:
             refused with a clear error rather than taking the machine down (None: no limit).
     """
 
-    logit_scale: Optional[float] = None
+    logit_scale: Union[float, str, None] = "auto"
+    temperature_share: float = 0.9
     logits: LogitKind = "auto"
     early_rejection: bool = True
     nms: bool = True
     nms_threshold: float = 0.9
-    nms_floor: float = 0.5
+    nms_floor: float = 0.9
     protect: Optional[float] = None
     map_power: float = 1.0
     solver: Solver = "velocity"
@@ -162,8 +173,18 @@ class RefinerConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"RefinerConfig.{name}: expected one of {choices}, got {value!r}")
-        if self.logit_scale is not None and not float(self.logit_scale) > 0:
-            raise ValueError(f"RefinerConfig.logit_scale: expected > 0 or None, got {self.logit_scale!r}")
+        scale = self.logit_scale
+        if isinstance(scale, str) and scale != "auto":
+            # from text options ("logit_scale=100", "logit_scale=none")
+            try:
+                scale = None if scale.lower() == "none" else float(scale)
+            except ValueError:
+                raise ValueError(f"RefinerConfig.logit_scale: expected \"auto\", None or a number > 0, got {scale!r}") from None
+            object.__setattr__(self, "logit_scale", scale)
+        if isinstance(scale, bool) or (scale not in (None, "auto") and not (isinstance(scale, (int, float)) and scale > 0)):
+            raise ValueError(f"RefinerConfig.logit_scale: expected \"auto\", None or a number > 0, got {scale!r}")
+        if not 0.0 < float(self.temperature_share) <= 1.0:
+            raise ValueError(f"RefinerConfig.temperature_share: expected in (0, 1], got {self.temperature_share!r}")
         if self.protect is not None and not 0.0 < float(self.protect) <= 1.0:
             raise ValueError(f"RefinerConfig.protect: expected in (0, 1] or None, got {self.protect!r}")
         if not float(self.map_power) > 0:

@@ -23,10 +23,12 @@ import torch
 
 from .records import LOGIT_KINDS
 
-__all__ = ["detect_logit_kind", "log_domain_logits", "COSINE_SCALE"]
+__all__ = ["detect_logit_kind", "log_domain_logits", "auto_temperature", "COSINE_SCALE", "AUTO_CONFIDENCE"]
 
 #: CLIP's learned temperature, the scale of cosine logits when none is given
 COSINE_SCALE = 100.0
+#: the class probability ``logit_scale="auto"`` makes a share of the patches reach (the paper's NMS threshold)
+AUTO_CONFIDENCE = 0.9
 _TOL = 1e-3
 
 
@@ -84,3 +86,42 @@ def log_domain_logits(logits: torch.Tensor, kind: str = "auto", scale: Optional[
     if scale is None:
         scale = COSINE_SCALE if kind == "cosine" else 1.0
     return z * float(scale), kind
+
+
+def auto_temperature(z: torch.Tensor, threshold: float = 0.9, share: float = 0.9, iters: int = 48) -> torch.Tensor:
+    """Per image, the scale at which a ``share`` of the patches reach class probability ``threshold``.
+
+    ``softmax(s * z)`` grows more confident with s at every patch (d/ds of the top probability
+    is p_top (z_top - E_p[z]) >= 0), so each patch has a least scale s_i at which its top
+    probability reaches ``threshold``; the image's scale is the ``share``-quantile of the s_i.
+    It depends only on differences between classes at a patch: multiplying the logits by a
+    constant divides it by that constant, and log-softmax or log-probabilities leave it
+    unchanged, so every form of one model's logits gives the same ``s * z``.
+
+    Args:
+        z: (B, C, ...) log-domain logits (classes on dim 1).
+        threshold: confidence in (0, 1).
+        share: fraction of the patches in (0, 1].
+        iters: bisection steps on log10(s) over [1e-4, 1e8] (48 give ~6 significant digits).
+
+    Returns:
+        (B,) float32 scales; 1 for an image with one class (any scale gives probability 1). A
+        patch whose two best classes tie never reaches ``threshold``: it counts as needing the
+        largest scale, 1e8.
+    """
+    if not 0.0 < float(threshold) < 1.0 or not 0.0 < float(share) <= 1.0:
+        raise ValueError(f"auto_temperature: expected threshold in (0, 1) and share in (0, 1], got "
+                         f"{threshold!r}, {share!r}")
+    b, c = z.shape[:2]
+    if c == 1:
+        return torch.ones(b, device=z.device)
+    gaps = (z.amax(1, keepdim=True) - z).flatten(2).float()  # (B, C, N) >= 0, 0 at the top class
+    lo = torch.full((b, gaps.shape[-1]), -4.0, device=z.device)
+    hi = torch.full_like(lo, 8.0)
+    target = 1.0 / float(threshold)  # top probability >= threshold  <=>  sum_c exp(-s gap_c) <= 1/threshold
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        reached = torch.exp(-(10.0 ** mid).unsqueeze(1) * gaps).sum(1) <= target
+        hi = torch.where(reached, mid, hi)
+        lo = torch.where(reached, lo, mid)
+    return torch.quantile(10.0 ** hi, float(share), dim=1)

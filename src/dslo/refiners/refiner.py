@@ -12,7 +12,7 @@ from .config import RefinerConfig
 from .grid import resample_attention
 from .jbu import joint_bilateral_upsample
 from .kl import kl_uniform_map
-from .logit_forms import COSINE_SCALE, log_domain_logits
+from .logit_forms import AUTO_CONFIDENCE, COSINE_SCALE, auto_temperature, log_domain_logits
 from .path import joint_path_map, paper_path_map, relaxed_path_map
 from .products import KERNEL_DTYPES, row_matmul
 from .records import Attention, RefinerOutput, check_image, check_tensor
@@ -200,10 +200,15 @@ class DiscrepancyRefiner(nn.Module):
         out_size = tuple(image.shape[-2:])
         device = logits.device
         # the call's kind (what an adapter says it hands over) wins over the configured one
-        z, used = log_domain_logits(logits, cfg.logits if kind in (None, "auto") else kind, cfg.logit_scale)
+        auto = cfg.logit_scale == "auto"
+        z, used = log_domain_logits(logits, cfg.logits if kind in (None, "auto") else kind,
+                                    None if auto else cfg.logit_scale)
         if cfg.solver in RIVALS:
-            scale = cfg.logit_scale if cfg.logit_scale is not None else (COSINE_SCALE if used == "cosine" else 1.0)
+            scale = COSINE_SCALE if used == "cosine" else 1.0
+            scale = scale if cfg.logit_scale in (None, "auto") else cfg.logit_scale
             return self._rival(z / scale, scale, attention, image)
+        if auto and cfg.solver != "none":
+            z = z * auto_temperature(z, AUTO_CONFIDENCE, cfg.temperature_share).view(b, 1, 1, 1)
         att = self._attention(attention, b, (h, w)).to(device) if cfg.solver not in ("none", "kl") else None
 
         scaled = z.flatten(2)  # (B, C, N)
