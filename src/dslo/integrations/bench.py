@@ -228,7 +228,7 @@ def run_quality(
     only on (source, seed, dataset name, image id), so methods see identical inputs.
 
     ``source``: where the logits come from (``dslo.integrations.sources``: ``SimulatedLogits``,
-    ``RegionLogits``, ``PrototypeLogits``); default ``SimulatedLogits(model)``.
+    ``RegionLogits``, ``PrototypeLogits``, ``SavedLogits``); default ``SimulatedLogits(model)``.
 
     Returns:
         {method: {"miou", "acc", "iou" (per class, NaN = absent), "seconds"}} plus per-image rows

@@ -41,7 +41,7 @@ def bench_quality(
     ctx: typer.Context,
     data: List[Path] = typer.Option(..., "--data", help="dataset folder(s) in the images/, masks/, classes.txt layout"),
     methods: str = typer.Option("raw+bilinear,raw+jbu,velocity,path", help="comma-separated; solver[:field=value;...] (use ';' between fields)"),
-    logits: str = typer.Option("simulated", help="logit source(s), comma-separated: simulated (errors ignore the image), regions (confused superpixels), prototype (a real model: needs --examples), clip-like (image-level class embeddings on patch tokens: needs --examples), cnn (a small trained CNN: --cnn); KIND:probs, KIND:log_probs, KIND:xS hand the same logits over in another form"),
+    logits: str = typer.Option("simulated", help="logit source(s), comma-separated: simulated (errors ignore the image), regions (confused superpixels), prototype (a real model: needs --examples), clip-like (image-level class embeddings on patch tokens: needs --examples), cnn (a small trained CNN: --cnn), saved:DIR (your model's logits, DIR/<image id>.pt or .npy per image, optional DIR/classes.txt: dslo.integrations.sources.save_logits writes them); KIND:probs, KIND:log_probs, KIND:xS hand the same logits over in another form"),
     cnn: Optional[Path] = typer.Option(None, help="--logits cnn: weights file (default results/models/camvid_cnn.pt)"),
     examples: Optional[Path] = typer.Option(None, help="--logits prototype: annotated folder to build class prototypes from"),
     examples_match: Optional[str] = typer.Option(None, help="comma-separated id prefixes of the examples to use (CamVid: video sequences)"),
@@ -74,7 +74,7 @@ def bench_quality(
     from ..integrations.bench import drop_examples, init_distributed, load_dataset, quality_table, run_quality
     from ..integrations.pipeline import build_provider, provider_weights
     from ..integrations.provenance import environment, provenance_lines
-    from ..integrations.sources import build_source
+    from ..integrations.sources import build_source, saved_folder
 
     rank, _ = init_distributed()
 
@@ -82,7 +82,8 @@ def bench_quality(
     # methods are separated by ","; a method's own options by ";" ("path:path_eps=0.25;path_rho=0.3")
     kinds = [k.strip() for k in logits.split(",") if k.strip()]
     try:
-        check_outputs({"--out": out}, {"--json-dir": json_dir}, inputs=[*data, examples, weights, cnn])
+        check_outputs({"--out": out}, {"--json-dir": json_dir}, inputs=[*data, examples, weights, cnn,
+                                                                          *map(saved_folder, kinds)])
         if out is not None and out.is_file():
             from ..adapters.vocab import read_text_file
 
@@ -100,9 +101,13 @@ def bench_quality(
                                   cache=_cache_arg(cache, cache_dir), lazy=True)
         produced = provenance_lines(environment(), [provider_weights(attention, weights)])
         results = {}
-        excluded, scored = [], {}
+        excluded, skipped, scored = [], [], {}
         for src in sources:
             for ds in sets:
+                reason = _why_not(src, ds)
+                if reason is not None:
+                    skipped.append(f"{src.name.split(' ')[0]} {ds.name}: not scored ({reason}).")
+                    continue
                 if not _source_fits(src, ds):
                     continue
                 ds, dropped = drop_examples(ds, src)  # copies of the prototypes' examples, by content
@@ -121,10 +126,11 @@ def bench_quality(
     except ValueError as exc:
         _fail(str(exc))
     if not results:
-        _fail("bench quality: no (logit source, data set) pair to score: prototype classes match none of the sets")
+        _fail("bench quality: no (logit source, data set) pair to score: " + (
+            " ".join(skipped) or "prototype classes match none of the sets"))
     sizes = {ds.name: scored.get(ds.name, len(ds)) for ds in sets}
     table = quality_table(results, method_list, sizes, title=title, command=_command_line(ctx))
-    table = table.rstrip() + "\n\n" + "\n".join(excluded + produced) + "\n"
+    table = table.rstrip() + "\n\n" + "\n".join(excluded + skipped + produced) + "\n"
     if rank != 0:
         return
     typer.echo(table)
@@ -151,3 +157,10 @@ def _source_fits(source, dataset) -> bool:
     """A prototype source scores only sets whose classes contain all of its classes."""
     names = getattr(getattr(source, "adapter", None), "class_names", None)
     return names is None or set(names) <= set(dataset.classes)
+
+
+def _why_not(source, dataset) -> Optional[str]:
+    """Why ``source`` cannot score ``dataset``, for sources that can say (a saved folder: its
+    channels are not the set's classes, or it has no logits for the set's images); None else."""
+    mismatch = getattr(source, "mismatch", None)
+    return None if mismatch is None else mismatch(dataset)

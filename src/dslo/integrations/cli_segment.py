@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 
 from .cli_common import _DEFAULT_SIZE, _cache_arg, _fail, _model_options, _options, _quietly, _rich_progress
+from .logit_files import read_logits
 from .outputs import check_outputs, temporary_sibling
 
 
@@ -21,41 +22,6 @@ def read_image(path: Path):
     from ..adapters.image_files import read_rgb
 
     return torch.from_numpy(read_rgb(path)).permute(2, 0, 1).unsqueeze(0).contiguous()
-
-
-def read_logits(path: Path):
-    """.pt (a tensor, or a dict with key "logits") or .npy, shaped (C, h, w) or (B, C, h, w)
-    -> float tensor (B, C, h, w)."""
-    import numpy as np
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"logits file not found: {path}")
-    try:
-        if path.suffix == ".npy":
-            data = torch.from_numpy(np.load(path, allow_pickle=False))
-        elif path.suffix in (".pt", ".pth"):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(data, dict):
-                data = data.get("logits")
-        else:
-            raise ValueError(f"logits file {path}: expected .pt or .npy, got {path.suffix!r}")
-    except (OSError, RuntimeError, EOFError, pickle_error()) as exc:
-        raise ValueError(f"cannot read logits {path}: not a tensor file ({type(exc).__name__})") from None
-    if not isinstance(data, torch.Tensor):
-        raise ValueError(f"logits file {path}: expected a tensor (or a dict with 'logits'), got {type(data).__name__}")
-    if data.ndim == 3:
-        data = data.unsqueeze(0)
-    if data.ndim != 4:
-        raise ValueError(f"logits file {path}: expected (C, h, w) or (B, C, h, w), got shape {tuple(data.shape)}")
-    return data.float()
-
-
-def pickle_error():
-    import pickle
-
-    return pickle.UnpicklingError
 
 
 def write_mask(labels, path: Path) -> None:

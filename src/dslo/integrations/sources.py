@@ -1,5 +1,6 @@
 """Where the quality benchmark's patch logits come from:
-``--logits simulated | regions | prototype | clip-like | cnn`` (each optionally ``:FORM``).
+``--logits simulated | regions | prototype | clip-like | cnn | saved:DIR`` (each optionally
+``:FORM``).
 
 A source maps one annotated image to raw cosine-like patch logits over a vocabulary of the
 dataset's classes. The three kinds bracket what a user's model does:
@@ -14,10 +15,14 @@ dataset's classes. The three kinds bracket what a user's model does:
   (``dslo.adapters.image_level``): training-free OVSS's own pathology, noisy dense logits.
 - ``cnn``: a small CNN trained from scratch (``dslo.adapters.cnn``), another family than the
   attention's ViT; its raw class scores, not cosines.
+- ``saved:DIR``: the user's own model, its logits saved one file per image
+  (``SavedLogits``, written by ``save_logits``; ``dslo.integrations.saved_logits``): does dslo
+  help THIS model?
 
 ``KIND:FORM`` hands the same model's logits over in another form, as users' models do:
 ``probs`` (softmax), ``log_probs`` (log-softmax), ``xS`` (multiplied by S: an under- or
-over-confident model), e.g. ``cnn:probs``, ``prototype:x0.3``.
+over-confident model), e.g. ``cnn:probs``, ``prototype:x0.3``, ``saved:DIR:probs`` (DIR is
+everything between ``saved:`` and a trailing form, so it may hold ':' but not ',').
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ from typing import Optional, Protocol
 
 import torch
 
+from .saved_logits import SavedLogits, save_logits
 from .simulate import CorruptionModel, RegionModel, region_logits, simulate_logits
 
-__all__ = ["LogitSource", "SimulatedLogits", "RegionLogits", "PrototypeLogits", "FormLogits", "LOGIT_SOURCES",
-           "build_source"]
+__all__ = ["LogitSource", "SimulatedLogits", "RegionLogits", "PrototypeLogits", "FormLogits", "SavedLogits",
+           "save_logits", "saved_folder", "LOGIT_SOURCES", "build_source"]
 
-LOGIT_SOURCES = ("simulated", "regions", "prototype", "clip-like", "cnn")
+LOGIT_SOURCES = ("simulated", "regions", "prototype", "clip-like", "cnn", "saved:DIR")
 #: where ``--logits cnn`` finds its weights unless told (committed with the command that made them)
 DEFAULT_CNN = Path("results/models/camvid_cnn.pt")
 
@@ -126,6 +132,7 @@ class FormLogits:
         self.fingerprints = getattr(source, "fingerprints", None)
         # what the benchmark reads to skip sets whose classes the model lacks
         self.adapter = getattr(source, "adapter", None)
+        self.mismatch = getattr(source, "mismatch", None)
 
     def __call__(self, sample, dataset, grid, seed):
         logits, vocab = self.source(sample, dataset, grid, seed)
@@ -144,6 +151,28 @@ def _scale_of(form: str) -> Optional[float]:
     return value if value is not None and value > 0 else None
 
 
+def _split_saved(kind: str) -> Optional[tuple[Path, str]]:
+    """``saved:DIR[:FORM]`` -> (DIR, FORM or ""); None for other kinds. A trailing part is a
+    form only when it parses as one, so a path with ':' still works without a form."""
+    text = str(kind)
+    if not text.startswith("saved:"):
+        return None
+    rest = text[len("saved:"):]
+    head, sep, tail = rest.rpartition(":")
+    if sep and head and (tail in ("probs", "log_probs") or _scale_of(tail)):
+        return Path(head), tail
+    if not rest:
+        raise ValueError("--logits saved:DIR: expected the folder of saved logits after 'saved:'")
+    return Path(rest), ""
+
+
+def saved_folder(kind: str) -> Optional[Path]:
+    """The folder of a ``saved:DIR[:FORM]`` logits spec (an input the outputs must not touch),
+    None for other kinds."""
+    split = _split_saved(kind)
+    return None if split is None else split[0]
+
+
 def build_source(
     kind: str,
     *,
@@ -159,8 +188,8 @@ def build_source(
     """A logit source by name.
 
     Args:
-        kind: "simulated", "regions", "prototype", "clip-like" or "cnn", optionally
-            ":probs", ":log_probs" or ":xS" (``FormLogits``).
+        kind: "simulated", "regions", "prototype", "clip-like", "cnn" or "saved:DIR"
+            (``SavedLogits``), optionally ":probs", ":log_probs" or ":xS" (``FormLogits``).
         examples: for "prototype": the annotated folder the prototypes are built from
             (images/, masks/, classes.txt); ``examples_match`` (id prefixes) and
             ``examples_stride`` pick its images; ``layer``/``size``: the ViT layer and input
@@ -173,8 +202,13 @@ def build_source(
         a ``LogitSource``: ``source(sample, dataset, grid, seed) -> (logits (1, Q, h, w), vocab (Q,))``.
 
     Raises:
-        ValueError: unknown kind, or "prototype" without examples.
+        ValueError: unknown kind, "prototype" without examples, or a saved DIR that is not a
+            folder of logit files.
     """
+    saved = _split_saved(kind)
+    if saved is not None:
+        folder, form = saved
+        return FormLogits(SavedLogits(folder), form) if form else SavedLogits(folder)
     base, _, form = str(kind).partition(":")
     if form:
         return FormLogits(build_source(base, examples=examples, examples_match=examples_match,
