@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import dslo
 from dslo.integrations import provenance
 from dslo.integrations.cache import AttentionCache
 from dslo.integrations.experiments import build_provider
@@ -216,6 +217,37 @@ def test_versatility_cells_are_recomputed_when_the_weights_under_a_name_change(t
     sha1 = provenance.file_record(ckpt)["sha256"]
     table = (results / "versatility.md").read_text()
     assert sha1 != sha0 and f"sha256 {sha1}" in table and f"sha256 {sha0}" not in table
+
+
+def test_versatility_cells_follow_the_refiner_configuration_not_its_label(tmp_path, monkeypatch):
+    """A cell is keyed by the refiner's whole configuration: when a default changes under the
+    same solver name, the cell is computed again (and says which field changed)."""
+    from dslo.integrations import experiments
+
+    cfg, ckpt = _tiny_clip(tmp_path, 0)
+    data = _ade(tmp_path / "data")
+    results = tmp_path / "results"
+    args = ["versatility", "--adapters", "clip", "--solvers", "velocity,velocity:logit_scale=none;nms_floor=0",
+            "--attention", "affinity", "--datasets", "ade20k", "--data-root", data, "--stand-in-root",
+            tmp_path / "no-stand-ins", "--limit", "1", "--model", cfg, "--pretrained", ckpt, "--size", "32x32",
+            "--adapter-option", "templates=a {}.", "--results-dir", results, "--cache-dir", tmp_path / "cache", "--no-plot"]
+    res = _invoke(args)
+    assert res.exit_code == 0, res.output
+    cells = sorted(p.name for p in (results / "versatility" / "ade20k").glob("*.json"))
+    assert len(cells) == 2, cells  # the ';'-separated options make a cell of their own
+    assert "skip ade20k clip affinity velocity " in _invoke(args).output
+    parse = experiments.parse_solver
+
+    def other_default(spec):  # as if the default floor were 0.5: same label, other configuration
+        label, refiner = parse(spec)
+        return label, (dslo.DiscrepancyRefiner(refiner.config.replace(nms_floor=0.5)) if label == "velocity" else refiner)
+
+    monkeypatch.setattr(experiments, "parse_solver", other_default)
+    res = _invoke(args)
+    assert res.exit_code == 0, res.output
+    assert "recompute ade20k clip affinity velocity: changed refiner.nms_floor 0.9 -> 0.5" in res.output
+    # the cell that spells its floor out is unchanged
+    assert "skip ade20k clip affinity velocity:logit_scale=none;nms_floor=0" in res.output
 
 
 def test_missing_datasets_and_weights_fail_before_any_image(tmp_path, monkeypatch):

@@ -184,15 +184,16 @@ class ConfusionMeter:
 
 
 def parse_method(spec: str) -> tuple[str, DiscrepancyRefiner]:
-    """``"velocity"``, ``"path:path_reading=paper,path_eps=0.1"``, ``"raw+jbu"``, ``"raw+bilinear"``
-    -> (label, refiner). Values are parsed as int, float, bool or str by the field's default type."""
+    """``"velocity"``, ``"path:path_reading=paper,path_eps=0.1"`` (or ``;`` between options, for
+    lists that are themselves comma-separated), ``"raw+jbu"``, ``"raw+bilinear"`` -> (label,
+    refiner). Values are parsed as int, float, bool or str by the field's default type."""
     presets = {"raw+bilinear": "none:upsample=bilinear", "raw+jbu": "none:upsample=jbu"}
     label = spec
     spec = presets.get(spec, spec)
     solver, _, rest = spec.partition(":")
     options: dict = {"solver": solver}
     defaults = RefinerConfig()
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, rest.replace(";", ",").split(",")):
         key, eq, value = item.partition("=")
         if not eq or key not in RefinerConfig.field_names():
             raise ValueError(f"method {label!r}: expected key=value with a RefinerConfig field, got {item!r}")

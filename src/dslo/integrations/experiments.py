@@ -20,6 +20,7 @@ dslo.integrations.experiments import build_pipeline`` keeps working.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -196,7 +197,10 @@ def run_versatility(spec: GridSpec, *, progress: Optional[Callable[[Iterable, st
                         continue
                     if any(p[0] == att and p[1] == label for p in pending):
                         continue  # "none" is shared by every attention
+                    # the whole configuration, not only the label: a cell made under other
+                    # defaults (e.g. before logit_scale="auto") is recomputed, not reused
                     settings = {**base, "attention": att, "solver": label,
+                                "refiner": dataclasses.asdict(refiner.config),
                                 "attention_weights": spec.attention_weights.get(att),
                                 "attention_options": _options_for(spec.attention_options, att),
                                 "attention_identity": weights_identity(records[att]) if att in records else None}
@@ -239,7 +243,18 @@ def _cell_weights(records: Mapping, adapter_name: str, pending: list, a_opts: Ma
 def _changed(done: Mapping, settings: Mapping) -> str:
     """Which settings differ from a finished cell's (why it is computed again)."""
     norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - tuples read back as lists
-    diffs = [f"{k} {done.get(k)!r} -> {v!r}" for k, v in settings.items() if norm(done.get(k)) != norm(v)]
+    diffs = []
+    for k, v in settings.items():
+        old = norm(done.get(k))
+        if old == norm(v):
+            continue
+        if old is None and isinstance(v, dict):  # a cell from before the record existed
+            diffs.append(f"{k} not recorded")
+        elif isinstance(old, dict) and isinstance(v, dict):  # name the fields, not the whole record
+            v = norm(v)
+            diffs += [f"{k}.{f} {old.get(f)!r} -> {v.get(f)!r}" for f in sorted(set(old) | set(v)) if old.get(f) != v.get(f)]
+        else:
+            diffs.append(f"{k} {done.get(k)!r} -> {v!r}")
     return "changed " + "; ".join(diffs) if diffs else "its settings changed"
 
 
