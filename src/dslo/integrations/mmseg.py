@@ -375,9 +375,9 @@ class RefinedSegmentor(_RefiningSegmentor):
         attention: as ``OVSSSegmentor``; None uses the wrapped model's ``attention(image)``
             if it has one.
         refiner: as ``OVSSSegmentor``. The refiner tells the logits' form from their values
-            (``RefinerConfig.logits="auto"``: cosines are multiplied by 100, a decode head's
-            scores used as they are); ``logits="scores"`` says so explicitly, as the shipped
-            config does.
+            (``RefinerConfig.logits="auto"``) and picks their temperature per image
+            (``logit_scale="auto"``), so a decode head's scale does not matter;
+            ``logits="scores"`` says what they are explicitly, as the shipped config does.
         checkpoint: weights of the wrapped segmentor (mmseg checkpoint), loaded with
             ``load_checkpoint``; ``trust_checkpoint`` allows full unpickling.
         device: as ``OVSSSegmentor``: the built segmentor (wrapped model included) is moved

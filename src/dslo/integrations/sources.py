@@ -2,8 +2,8 @@
 ``--logits simulated | regions | prototype | clip-like | cnn | saved:DIR`` (each optionally
 ``:FORM``).
 
-A source maps one annotated image to raw cosine-like patch logits over a vocabulary of the
-dataset's classes. The three kinds bracket what a user's model does:
+A source maps one annotated image to patch logits (cosines, scores, or a form of them) over
+a vocabulary of the dataset's classes. The three kinds bracket what a user's model does:
 
 - ``simulated`` (``CorruptionModel``): errors that ignore the image; every refiner gains most
   here, so treat its numbers as a ceiling.

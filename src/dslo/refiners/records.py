@@ -228,7 +228,7 @@ class PatchLogits:
             share a class. Default: identity (Q = C).
         num_classes: C; default ``max(query_to_class) + 1``.
         kind: what the numbers are, so the refiner turns them into class probabilities the
-            right way: "cosine" (CLIP-style similarities in [-1, 1], times ``logit_scale``),
+            right way: "cosine" (CLIP-style similarities in [-1, 1]),
             "scores" (a classifier's raw outputs), "log_probs", "probs", or "auto" (default:
             the refiner tells them apart from the values, ``dslo.refiners.logit_forms``).
     """
