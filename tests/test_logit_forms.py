@@ -1,5 +1,7 @@
 """Logits in every form a user has: cosines, raw scores, log-probabilities, probabilities."""
 
+import math
+
 import pytest
 import torch
 
@@ -121,11 +123,12 @@ def test_an_under_confident_model_does_not_lose_a_class(solver):
     z[0, 1] = torch.where(left, 0.0, 1.0)
     z += 0.05 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
     up = torch.nn.functional.interpolate(truth[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0].long()
-    plain = dslo.DiscrepancyRefiner(solver=solver, logit_scale=None, nms_floor=0.0)(
+    plain = dslo.DiscrepancyRefiner(solver=solver, logit_scale=None, nms_share=None, nms_floor=0.0)(
         z, att[None], image, kind="scores").labels[0]
     assert float((plain == 0).float().mean()) > 0.95  # the collapse the guards exist for
-    # each guard alone prevents it: the floor at the model's own scale, the temperature with the plain cut
-    for options in ({}, {"logit_scale": None}, {"nms_floor": 0.0}):
+    # each guard alone prevents it: the per-class share, the floor under the cut, the temperature
+    for options in ({}, {"logit_scale": None}, {"logit_scale": None, "nms_share": None},
+                    {"nms_share": None, "nms_floor": 0.0}):
         guarded = dslo.DiscrepancyRefiner(solver=solver, **options)(z, att[None], image, kind="scores").labels[0]
         assert float((guarded == up).float().mean()) > 0.95, options
 
@@ -199,3 +202,25 @@ def test_logit_scale_values():
             dslo.RefinerConfig(logit_scale=bad)
     with pytest.raises(ValueError, match="temperature_share"):
         dslo.RefinerConfig(temperature_share=0.0)
+
+
+def test_nms_share_keeps_the_same_share_of_every_class_whatever_the_confidence():
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 4, 60, generator=g)
+    z[0, 0] += 6.0  # image 0: class 0 wins most patches, confidently
+    for share in (0.5, 0.7, 1.0):
+        keep = nms_mask(z, 0.9, 0.0, share)
+        probs = torch.softmax(z, 1)
+        conf, winners = probs.amax(1), probs.argmax(1)
+        for b in range(2):
+            for c in winners[b].unique().tolist():
+                won = winners[b] == c
+                n_won = int(won.sum())
+                assert int((keep[b] & won).sum()) == math.ceil(share * n_won - 1e-6), (b, c, share)
+                kept, dropped = conf[b][keep[b] & won], conf[b][~keep[b] & won]
+                if len(dropped):
+                    assert float(kept.min()) >= float(dropped.max())
+    # the threshold and the floor play no part
+    assert torch.equal(nms_mask(z, 0.1, 0.0, 0.7), nms_mask(z, 0.99, 0.9, 0.7))
+    with pytest.raises(ValueError, match="nms_share"):
+        dslo.RefinerConfig(nms_share=0.0)

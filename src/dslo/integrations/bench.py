@@ -198,7 +198,9 @@ def parse_method(spec: str) -> tuple[str, DiscrepancyRefiner]:
         if not eq or key not in RefinerConfig.field_names():
             raise ValueError(f"method {label!r}: expected key=value with a RefinerConfig field, got {item!r}")
         kind = type(getattr(defaults, key))
-        if kind is bool:
+        if value.lower() == "none" and "Optional" in str(RefinerConfig.__dataclass_fields__[key].type):
+            options[key] = None  # "nms_share=none", "logit_scale=none"
+        elif kind is bool:
             options[key] = value.lower() in ("1", "true", "yes")
         elif kind is type(None):  # Optional numbers ("kernel_topk=64", "lposs_patch_size=14")
             options[key] = None if value.lower() == "none" else (int(value) if value.lstrip("-").isdigit() else float(value))

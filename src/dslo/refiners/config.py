@@ -44,24 +44,30 @@ class RefinerConfig:
         logit_scale: the temperature of the logits (multiplies them, after ``log`` for
             probabilities) before the solvers' softmax. "auto" (default): per image, the scale
             at which ``temperature_share`` of the patches reach class probability 0.9
-            (``logit_forms.auto_temperature``; 0.9 is the paper's NMS threshold): the same for every form of one model's logits
-            (x S, log-softmax, softmax), so an under- or over-confident model is refined as a
-            calibrated one. None: the kind's own scale, CLIP's 100 for cosines and 1 for
-            scores and log-probabilities (the default before "auto"; with ``nms_floor=0`` the
-            paper's front end). A number: that scale. ``solver="none"`` and the rivals
-            always take the kind's own scale (or the number): they show the model's own
-            probabilities.
+            (``logit_forms.auto_temperature``; 0.9 is the paper's NMS threshold): the same for
+            every form of one model's logits (x S, log-softmax, softmax), so an under- or
+            over-confident model is refined as a calibrated one. None: the kind's own scale,
+            CLIP's 100 for cosines and 1 for scores and log-probabilities. A number: that
+            scale. ``solver="none"`` and the rivals always take the kind's own scale (or the
+            number): they show the model's own probabilities.
         temperature_share: for ``logit_scale="auto"``, the share of patches that reach
-            probability 0.9 (0.9: measured on the development sets, results/real-models.md).
+            probability 0.9 (0.9: measured on the development sets, docs/solvers.md).
         early_rejection: keep only classes that win the argmax at some patch.
-        nms: zero the class probabilities of patches whose top softmax probability over the
-            full vocabulary is below ``nms_threshold`` (paper: 0.9). Feeds the solvers only;
-            ``solver="none"`` never applies it (it would leave rejected patches without a label).
-        nms_floor: in an image where the cut keeps less than this fraction of the patches,
-            each class keeps at least this fraction of the patches it wins (its most
-            confident), so an under-confident model never loses most of an image to the cut
-            and a thin class is not cut harder than a large one (default 0.9); 0 turns the
-            guard off (the paper's plain cut). Measured: results/real-models.md.
+        nms: zero the class probabilities of the patches the NMS rejects (``nms_share`` or
+            the cut below). Feeds the solvers only; ``solver="none"`` never applies it (it
+            would leave rejected patches without a label).
+        nms_share: the default NMS (0.8): in every image each class keeps its most
+            confident ``nms_share`` of the patches it wins, whatever their confidence: a
+            relative cut, so a thin class loses no more of its patches than a large one and
+            an unsure model keeps its seeds. None: the paper's absolute cut below.
+        nms_threshold: with ``nms_share=None``: patches whose top softmax probability over
+            the full vocabulary is below it are rejected (paper: 0.9).
+        nms_floor: with ``nms_share=None``: in an image where the cut keeps less than this
+            fraction of the patches, each class keeps at least this fraction of the patches
+            it wins (its most confident), so an under-confident model never loses most of an
+            image to the cut (0.9); 0: the paper's plain cut.
+            ``logit_scale=None, nms_share=None, nms_floor=0`` is the paper's front end
+            (results/real-models.md: what it gains on noise-like logits, loses on others).
         protect: where the model's top class probability reaches this, its own probabilities
             replace the solver's (per-patch normalised) map; None (default): off.
 
@@ -134,6 +140,7 @@ class RefinerConfig:
     nms: bool = True
     nms_threshold: float = 0.9
     nms_floor: float = 0.9
+    nms_share: Optional[float] = 0.8
     protect: Optional[float] = None
     map_power: float = 1.0
     solver: Solver = "velocity"
@@ -189,6 +196,8 @@ class RefinerConfig:
             raise ValueError(f"RefinerConfig.protect: expected in (0, 1] or None, got {self.protect!r}")
         if not float(self.map_power) > 0:
             raise ValueError(f"RefinerConfig.map_power: expected > 0, got {self.map_power!r}")
+        if self.nms_share is not None and not 0.0 < float(self.nms_share) <= 1.0:
+            raise ValueError(f"RefinerConfig.nms_share: expected in (0, 1] or None, got {self.nms_share!r}")
         if not 0.0 <= float(self.nms_floor) <= 1.0:
             raise ValueError(f"RefinerConfig.nms_floor: expected in [0, 1], got {self.nms_floor!r}")
         positive = ("path_eps", "path_rho", "velocity_tau", "jbu_sigma_spatial2",

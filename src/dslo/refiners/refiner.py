@@ -213,7 +213,7 @@ class DiscrepancyRefiner(nn.Module):
 
         scaled = z.flatten(2)  # (B, C, N)
         active = early_rejection(scaled) if cfg.early_rejection else torch.ones(b, c, dtype=torch.bool, device=device)
-        keep = (nms_mask(scaled, cfg.nms_threshold, cfg.nms_floor) if cfg.nms
+        keep = (nms_mask(scaled, cfg.nms_threshold, cfg.nms_floor, cfg.nms_share) if cfg.nms
                 else torch.ones(b, h * w, dtype=torch.bool, device=device))
         # solve only for classes active in some image of the batch: early rejection is what
         # makes 150- or 171-class vocabularies cheap
