@@ -49,7 +49,8 @@ class RefinerConfig:
             over-confident model is refined as a calibrated one. None: the kind's own scale,
             CLIP's 100 for cosines and 1 for scores and log-probabilities. A number: that
             scale. ``solver="none"`` and the rivals always take the kind's own scale (or the
-            number): they show the model's own probabilities.
+            number): they show the model's own probabilities. The solvers' stage
+            "probabilities" (``return_stages``) are at the temperature used.
         temperature_share: for ``logit_scale="auto"``, the share of patches that reach
             probability 0.9 (0.9: measured on the development sets, docs/solvers.md).
         early_rejection: keep only classes that win the argmax at some patch.
