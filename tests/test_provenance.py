@@ -193,14 +193,19 @@ def _invoke(args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def _versatility_args(tmp_path, cfg, ckpt, data, results, solvers="none"):
+    """A one-image versatility run of the tiny CLIP on the stand-in ADE folder, affinity attention."""
+    return ["versatility", "--adapters", "clip", "--solvers", solvers, "--attention", "affinity", "--datasets",
+            "ade20k", "--data-root", data, "--stand-in-root", tmp_path / "no-stand-ins", "--limit", "1",
+            "--model", cfg, "--pretrained", ckpt, "--size", "32x32", "--adapter-option", "templates=a {}.",
+            "--results-dir", results, "--cache-dir", tmp_path / "cache", "--no-plot"]
+
+
 def test_versatility_cells_are_recomputed_when_the_weights_under_a_name_change(tmp_path):
     cfg, ckpt = _tiny_clip(tmp_path, 0)
     data = _ade(tmp_path / "data")
     results = tmp_path / "results"
-    args = ["versatility", "--adapters", "clip", "--solvers", "none", "--attention", "affinity", "--datasets",
-            "ade20k", "--data-root", data, "--stand-in-root", tmp_path / "no-stand-ins", "--limit", "1",
-            "--model", cfg, "--pretrained", ckpt, "--size", "32x32", "--adapter-option", "templates=a {}.",
-            "--results-dir", results, "--cache-dir", tmp_path / "cache", "--no-plot"]
+    args = _versatility_args(tmp_path, cfg, ckpt, data, results)
     assert _invoke(args).exit_code == 0
     cell = results / "versatility" / "ade20k" / "clip__-__none.json"
     first = json.loads(cell.read_text())
@@ -227,10 +232,7 @@ def test_versatility_cells_follow_the_refiner_configuration_not_its_label(tmp_pa
     cfg, ckpt = _tiny_clip(tmp_path, 0)
     data = _ade(tmp_path / "data")
     results = tmp_path / "results"
-    args = ["versatility", "--adapters", "clip", "--solvers", "velocity,velocity:logit_scale=none;nms_floor=0",
-            "--attention", "affinity", "--datasets", "ade20k", "--data-root", data, "--stand-in-root",
-            tmp_path / "no-stand-ins", "--limit", "1", "--model", cfg, "--pretrained", ckpt, "--size", "32x32",
-            "--adapter-option", "templates=a {}.", "--results-dir", results, "--cache-dir", tmp_path / "cache", "--no-plot"]
+    args = _versatility_args(tmp_path, cfg, ckpt, data, results, "velocity,velocity:logit_scale=none;nms_floor=0")
     res = _invoke(args)
     assert res.exit_code == 0, res.output
     cells = sorted(p.name for p in (results / "versatility" / "ade20k").glob("*.json"))

